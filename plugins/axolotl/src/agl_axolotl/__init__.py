@@ -1,0 +1,1 @@
+"""agl_axolotl: AGL for Axolotl as a plugin."""

@@ -1,0 +1,1 @@
+"""agl_trl: AGL for TRL SFT and DPO trainers and scripts."""
