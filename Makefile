@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest tests -q
 
 demo: setup
-	$(BIN)/agl fisher --model smollm2-135m-instruct --data builtin:alignment-v1 --out out/mask
+	$(BIN)/agl fisher --model smollm2-135m-instruct --data builtin:alignment-v1 --out out/mask --max-examples 128
 
 clean:
 	rm -rf $(VENV) out

@@ -1,0 +1,217 @@
+"""AGLPenalty: the AGL (reconstructed) regulariser on a model's LoRA updates, from a FisherMask."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .binding import BoundModule, bind_targets, empty_block
+from .config import AGLConfig
+from .gather import DEFAULT_CHUNK, delta_sq_norm, gather_delta, kfac_project
+from .mask import EMPTY_KEY
+
+logger = logging.getLogger(__name__)
+
+TERMS = ("L_A", "L_T", "E_rie", "E_geo")
+
+
+class ModuleTerms(NamedTuple):
+    """One module's terms (0-dim tensors); the last three are detached diagnostics."""
+
+    L_A: torch.Tensor
+    L_T: torch.Tensor
+    E_rie: torch.Tensor
+    E_geo: torch.Tensor
+    on_support: torch.Tensor  # Σ_S ΔW_j² (or Σ C²): energy of ΔW on the protected block
+    dw_sq: torch.Tensor  # ‖ΔW‖²_F
+    max_abs_dw_s: torch.Tensor  # max_S |ΔW_j| (or max |C|), 0 on an empty block
+
+
+@dataclass
+class PenaltyResult:
+    """What one AGLPenalty call returns: unweighted term sums, the weighted total and diagnostics."""
+
+    total: torch.Tensor  # scale · (λ_A ΣL_A + λ_T ΣL_T + λ_NC Σ[α E_rie + (1−α) E_geo]); 0 when disabled
+    L_A: torch.Tensor
+    L_T: torch.Tensor
+    E_rie: torch.Tensor
+    E_geo: torch.Tensor
+    lambda_scale: float
+    protected_share: torch.Tensor  # Σ energy on S / Σ ‖ΔW‖²_F (detached; 0 when ΔW = 0)
+    max_abs_dw_s: torch.Tensor  # largest |ΔW| on S, or |C| for kfac (detached)
+    per_module: Optional[dict[str, dict[str, float]]] = field(default=None)
+
+    def metrics(self) -> dict[str, float]:
+        """Python floats for loggers (one device sync)."""
+        values = torch.stack([
+            self.total.detach(), self.L_A.detach(), self.L_T.detach(), self.E_rie.detach(),
+            self.E_geo.detach(), self.protected_share.detach(),
+        ]).double().cpu().tolist()
+        keys = ("agl/penalty", "agl/L_A", "agl/L_T", "agl/E_rie", "agl/E_geo", "agl/protected_share")
+        out = dict(zip(keys, values))
+        out["agl/lambda_scale"] = float(self.lambda_scale)
+        return out
+
+
+def module_terms(d: torch.Tensor, m: torch.Tensor, fhat: torch.Tensor, dw_sq: torch.Tensor,
+                 config: AGLConfig) -> ModuleTerms:
+    """The AGL terms of one module from ΔW on its protected block `d` (any shape, same as m and F̂)."""
+    d2 = d * d  # ΔW_j² on S
+    m2 = m * m
+    l_a = (fhat * m2 * d2).sum()
+    a_sq = (m2 * d2).sum()  # ‖ΔW_A‖²
+    l_t = (dw_sq - ((2 * m - m2) * d2).sum()).clamp(min=0)  # ‖ΔW_T‖², orthonormal-basis identity
+    overlap = m * (1 - m) * d2  # m(1−m) ΔW²: summands of ⟨ΔW_A, ΔW_T⟩
+    eta = 1 + config.beta * torch.sigmoid(d.abs() - config.tau)
+    e_rie = (eta * overlap).sum() / max(d.numel(), 1)
+    inner = overlap.sum()
+    e_geo = inner * inner / (a_sq * l_t + config.eps)
+    with torch.no_grad():
+        max_abs = d.abs().amax() if d.numel() else d.new_zeros(())
+        diag = (d2.sum().detach(), dw_sq.detach(), max_abs)
+    return ModuleTerms(l_a, l_t, e_rie, e_geo, *diag)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class AGLPenalty:
+    """Binds a FisherMask to a model's trainable LoRA adapters once; each call returns a PenaltyResult.
+
+    `config` defaults to the mask's config. Tensors of the mask are cached on the LoRA weights' device
+    (re-cached if the model moves). fp16/bf16 LoRA weights are computed in float32.
+    """
+
+    def __init__(self, model: nn.Module, mask: Any, config: Optional[AGLConfig] = None, *,
+                 chunk_size: int = DEFAULT_CHUNK) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module (a PEFT LoRA model), got {type(model).__name__}.")
+        if not isinstance(getattr(mask, "blocks", None), dict):
+            raise ValueError(
+                f"mask must be a FisherMask (with a .blocks dict), got {type(mask).__name__}; build one with "
+                "FisherMask.from_fisher(...) or load one with FisherMask.load(path)."
+            )
+        config = mask.config if config is None else config
+        if not isinstance(config, AGLConfig):
+            raise ValueError(f"config must be an AGLConfig, got {type(config).__name__}.")
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(
+                f"chunk_size={chunk_size!r} is invalid: must be an integer ≥ 1 (default {DEFAULT_CHUNK})."
+            )
+        self.config, self.mask, self.chunk_size = config, mask, chunk_size
+        _warn_mask_settings(config, getattr(mask, "config", None))
+        self._bound, self.unmatched_mask_modules = bind_targets(model, _covered_blocks(mask), config)
+        if self.unmatched_mask_modules:
+            names = self.unmatched_mask_modules
+            logger.warning(
+                "AGL mask covers %d module(s) with no trainable LoRA adapter (e.g. %s); they are not penalised.",
+                len(names), ", ".join(names[:5]),
+            )
+
+    @property
+    def modules(self) -> list[str]:
+        """Keys of the penalised (module, adapter) pairs, in model order."""
+        return [b.key for b in self._bound]
+
+    @property
+    def num_protected(self) -> int:
+        """Total |S| over the penalised modules."""
+        return sum(b.size for b in self._bound)
+
+    def __call__(self, step: Optional[int] = None, per_module: bool = False) -> PenaltyResult:
+        scale = self._scale(step)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.enabled):
+            terms = [self._terms(b) for b in self._bound]
+        device = terms[0].L_A.device
+        sums = {n: torch.stack([getattr(t, n).to(device) for t in terms]).sum() for n in TERMS}
+        if self.config.enabled:
+            total = scale * self._weighted(sums)
+            if not bool(torch.isfinite(total)):
+                _raise_non_finite(total, terms, self._bound)
+        else:
+            total = torch.zeros((), dtype=sums["L_A"].dtype, device=device)
+        on_s = torch.stack([t.on_support.to(device) for t in terms]).sum()
+        dw_sq = torch.stack([t.dw_sq.to(device) for t in terms]).sum()
+        share = torch.where(dw_sq > 0, on_s / torch.where(dw_sq > 0, dw_sq, torch.ones_like(dw_sq)), 0.0)
+        max_abs = torch.stack([t.max_abs_dw_s.to(device) for t in terms]).amax()
+        detail = _per_module(terms, self._bound) if per_module else None
+        return PenaltyResult(total, sums["L_A"], sums["L_T"], sums["E_rie"], sums["E_geo"], scale,
+                             share, max_abs, detail)
+
+    def _scale(self, step: Optional[int]) -> float:
+        if step is None:
+            return 1.0
+        if not isinstance(step, numbers.Integral) or isinstance(step, bool):
+            raise ValueError(f"step={step!r} is invalid: pass the optimizer step as an int (or None for no warm-up).")
+        return float(self.config.lambda_scale(int(step)))
+
+    def _weighted(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        c = self.config
+        collision = c.alpha * sums["E_rie"] + (1 - c.alpha) * sums["E_geo"]
+        return c.lambda_a * sums["L_A"] + c.lambda_t * sums["L_T"] + c.lambda_nc * collision
+
+    def _terms(self, bound: BoundModule) -> ModuleTerms:
+        target = bound.target
+        dtype = _compute_dtype(torch.promote_types(target.A.dtype, target.B.dtype))
+        cache = bound.cached(target.A.device, dtype, self.config.split)
+        A, B = target.A.to(dtype), target.B.to(dtype)  # (r, in), (out, r); upcast keeps autograd
+        dw_sq = delta_sq_norm(A, B, target.scale)
+        if bound.kind == "coordinate":
+            d = gather_delta(A, B, cache["index"], A.shape[1], target.scale, self.chunk_size)  # (|S|,)
+        else:
+            d = kfac_project(A, B, target.scale, cache.get("U"), cache["V"])  # (k_out or out, k_in)
+        return module_terms(d, cache["m"], cache["fhat"], dw_sq, self.config)
+
+
+def _covered_blocks(mask: Any) -> dict[str, Any]:
+    """The mask's blocks plus an empty block for each covered module whose support came out empty."""
+    blocks = dict(mask.blocks)
+    metadata = getattr(mask, "metadata", None)
+    empty = metadata.get(EMPTY_KEY) if isinstance(metadata, dict) else None
+    for name, shape in (empty or {}).items():
+        blocks.setdefault(name, empty_block(name, shape))
+    return blocks
+
+
+def _warn_mask_settings(config: AGLConfig, mask_config: Any) -> None:
+    if not isinstance(mask_config, AGLConfig) or mask_config is config:
+        return
+    ours, theirs = config.mask_settings(), mask_config.mask_settings()
+    diff = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+    if diff:
+        shown = ", ".join(f"{k}: config {a!r} vs mask {b!r}" for k, (a, b) in diff.items())
+        logger.warning("AGLConfig mask settings differ from the mask's own (%s); the mask's values are used.", shown)
+
+
+def _raise_non_finite(total: torch.Tensor, terms: list[ModuleTerms], bound: list[BoundModule]) -> None:
+    for t, b in zip(terms, bound):
+        values = torch.stack([getattr(t, n).detach().double() for n in TERMS]).cpu()
+        if not bool(torch.isfinite(values).all()):
+            shown = ", ".join(f"{n}={v:.4g}" for n, v in zip(TERMS, values.tolist()))
+            raise FloatingPointError(
+                f"AGL penalty is not finite ({float(total.detach())}): first non-finite module {b.key!r} "
+                f"(adapter {b.target.adapter!r}): {shown}. Its LoRA weights have diverged or overflowed; "
+                "lower the learning rate or the λ's, or train in a wider dtype."
+            )
+    raise FloatingPointError(
+        f"AGL penalty is not finite ({float(total.detach())}) although every module's terms are finite: "
+        "the λ-weighted sum overflowed; lower lambda_a / lambda_t / lambda_nc."
+    )
+
+
+def _per_module(terms: list[ModuleTerms], bound: list[BoundModule]) -> dict[str, dict[str, float]]:
+    device = terms[0].L_A.device
+    table = torch.stack([torch.stack([x.detach().double().to(device) for x in t]) for t in terms])  # (mods, 7)
+    out: dict[str, dict[str, float]] = {}
+    for vals, b in zip(table.cpu().tolist(), bound):  # one device sync for the whole table
+        row = dict(zip(ModuleTerms._fields, vals))
+        row["protected_share"] = row["on_support"] / row["dw_sq"] if row["dw_sq"] > 0 else 0.0
+        row["size"] = float(b.size)
+        out[b.key] = row
+    return out
