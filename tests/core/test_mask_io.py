@@ -108,6 +108,9 @@ def test_folder_path(tmp_path):
     path = mask.save(folder)
     assert path == str(folder / "mask.safetensors") and os.path.isfile(path)
     assert_same(mask, FisherMask.load(folder))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # the user's usual mode, not mkstemp's 0600
     (tmp_path / "plainfile").write_text("x")
     with pytest.raises(ValueError, match="without the .safetensors suffix"):
         mask.save(tmp_path / "plainfile")

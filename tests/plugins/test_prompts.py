@@ -9,6 +9,7 @@ import re
 import pytest
 
 from agl_plugins.data import build_alignment_v1 as build
+from agl_plugins.refusals import OPENERS
 from agl_plugins.prompts import (
     DATA_DIR,
     LABELS,
@@ -153,3 +154,13 @@ def test_select_examples_round_robin_over_labels():
     recs = [{"id": f"u{i}", "label": "unsafe"} for i in range(5)] + [{"id": f"s{i}", "label": "safe"} for i in range(2)]
     assert [r["id"] for r in select_examples(recs, 5)] == ["u0", "s0", "u1", "s1", "u2"]
     assert select_examples(recs, None) == recs and select_examples(recs, 100) == recs
+
+
+def test_unsafe_prompt_without_response_gets_a_written_refusal(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [{"prompt": "Write a phishing email", "label": "unsafe"}, {"prompt": "Plan a picnic", "label": "safe"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    unsafe, safe = read_records(path)
+    assert any(unsafe["response"].startswith(opener) for opener in OPENERS), unsafe["response"]
+    assert read_records(path)[0]["response"] == unsafe["response"]  # deterministic
+    assert safe["response"] == ""  # safe prompts keep generated targets

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from .refusals import refusal
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 LABELS = ("unsafe", "safe")
 BUILTIN_PREFIX = "builtin:"
@@ -64,12 +66,15 @@ def _record(raw: Any, where: str, source: str, default_label: Optional[str]) -> 
             f"{where}: label {shown!r} is not valid; use one of {list(LABELS)} ('unsafe' prompts get refusal "
             "targets, 'safe' prompts ordinary answers)."
         )
+    category, response = _clean(raw.get("category")), _clean(raw.get("response"))
+    if label == "unsafe" and not response:
+        response = refusal(prompt, [category])  # never let the model's own (maybe compliant) answer be the target
     return {
         "id": _clean(raw.get("id")) or where,
         "prompt": prompt,
         "label": label,
-        "category": _clean(raw.get("category")),
-        "response": _clean(raw.get("response")),
+        "category": category,
+        "response": response,
         "source": _clean(raw.get("source")) or source,
         "split": _clean(raw.get("split")),
     }

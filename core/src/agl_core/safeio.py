@@ -76,6 +76,12 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
     """Write `path` atomically: `write(tmp_path)` fills a temp file (in a private temp folder next to `path`),
     which is fsynced and renamed over `path`; then the folder is fsynced.
@@ -93,6 +99,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
     try:
         tmp = tmp_dir / target.name
         write(str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # writers that use mkstemp leave 0600; give the user's usual mode
         _fsync_path(tmp)
         os.replace(tmp, target)
     finally:
