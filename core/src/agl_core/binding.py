@@ -81,6 +81,7 @@ def bind_targets(model: nn.Module, blocks: dict[str, Any], config: AGLConfig) ->
             f"{len(missing)} LoRA module(s) have no entry in the mask: {missing[:5]}{more}. Re-estimate the mask "
             "covering these modules, or exclude them with AGLConfig.target_modules."
         )
+    _refuse_stacked_adapters(targets)
     adapters = {t.adapter for t in targets}
     bound = []
     for t in targets:
@@ -89,6 +90,21 @@ def bind_targets(model: nn.Module, blocks: dict[str, Any], config: AGLConfig) ->
         bound.append(BoundModule(key, t, blocks[t.name]))
     used = {t.name for t in targets}
     return bound, [name for name in blocks if name not in used]
+
+
+def _refuse_stacked_adapters(targets: list[LoRATarget]) -> None:
+    """Two trainable adapters on one layer add up to one ΔW; penalising each alone would be the wrong math."""
+    per_module: dict[str, list[str]] = {}
+    for t in targets:
+        per_module.setdefault(t.name, []).append(t.adapter)
+    stacked = {name: ads for name, ads in per_module.items() if len(ads) > 1}
+    if stacked:
+        name, ads = next(iter(stacked.items()))
+        raise ValueError(
+            f"{len(stacked)} module(s) carry several active trainable LoRA adapters (e.g. {name!r}: {ads}). AGL "
+            "penalises one LoRA update per layer: train one adapter at a time, freeze the others, or choose one "
+            "with AGLConfig.adapters."
+        )
 
 
 def _check_block(target: LoRATarget, block: Any, split: str) -> None:

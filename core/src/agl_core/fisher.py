@@ -49,7 +49,9 @@ def estimate_kfac(model: nn.Module, batches: Any, **kwargs: Any) -> dict[str, KF
 
 def estimate_input_covariance(model: nn.Module, batches: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
     """Forward only: mean x xᵀ (in, in) over non-padding tokens per base linear layer (no targets needed);
-    the reference covariance of the contrastive basis. Keyword arguments as in `estimate_fisher`."""
+    the reference covariance of the contrastive basis. Keyword arguments as in `estimate_fisher`; records
+    are only tokenized (no targets are generated) unless generate_kwargs says otherwise."""
+    kwargs["generate_kwargs"] = {"generate": "never", **(kwargs.get("generate_kwargs") or {})}
     return run_estimator(model, batches, InputCovariance(), **kwargs)
 
 
@@ -97,25 +99,34 @@ def _step(model: nn.Module, batch: Any, index: int, capture: LayerCapture, needs
     targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
     has = targets != IGNORE
     n_batch = torch.stack([has.any(1).sum(), has.sum(), mask.sum()]).tolist()
-    capture.mask = mask
-    if not needs_grad:
-        with torch.no_grad():
-            _forward(model, ids, mask)
-    else:
-        with torch.enable_grad():
-            logits = _forward(model, ids, mask)[:, :-1]  # (B, T-1, V)
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE, reduction="sum")
-            roots = capture.roots()
-            if not roots or not loss.requires_grad:
-                raise RuntimeError("AGL could not make the loss differentiable through the model's activations.")
-            torch.autograd.grad(loss, roots, allow_unused=True)
+    capture.mask, capture.active = mask, True
+    try:
+        if not needs_grad:
+            with torch.no_grad():
+                _forward(model, ids, mask)
+        else:
+            _backward(model, ids, mask, targets, capture)
+    finally:
+        capture.active = False
     counts.batches += 1
     counts.examples += int(n_batch[0])
     counts.target_tokens += int(n_batch[1])
     counts.tokens += int(n_batch[2])
+
+
+def _backward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+              capture: LayerCapture) -> None:
+    """Forward, then the gradient of the summed target NLL w.r.t. the activation roots (hooks collect g)."""
+    with torch.enable_grad():
+        logits = _forward(model, ids, mask)[:, :-1]  # (B, T-1, V)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.to(logits.device).reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+        roots = capture.roots()
+        if not roots or not loss.requires_grad:
+            raise RuntimeError("AGL could not make the loss differentiable through the model's activations.")
+        torch.autograd.grad(loss, roots, allow_unused=True)
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -223,5 +234,6 @@ def _check_counts(counts: FisherCounts, needs_grad: bool, rank: int, world: int)
         raise ValueError(
             f"No target tokens: all labels are -100 (or padding) in {counts.batches} batch(es){where}. Give labels "
             "for the alignment targets (e.g. the responses), omit 'labels' to use every token, or build batches "
-            "with make_batches(records, tokenizer, model=model) to use the model's greedy answers."
+            "with make_batches(records, tokenizer, model=model) to use the model's greedy answers. If the prompts "
+            "filled the whole max_length, the responses were cut off: raise max_length (agl fisher --max-length)."
         )

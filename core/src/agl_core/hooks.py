@@ -12,27 +12,29 @@ from torch import nn
 Sink = Callable[[str, torch.Tensor, Optional[torch.Tensor], torch.Tensor], None]
 
 
-def _lora_layers_disabled(model: nn.Module) -> bool:
-    """True if PEFT tuner layers already have their adapters switched off."""
-    flags = [m.disable_adapters for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
-    return bool(flags) and all(flag is True for flag in flags)
+def _tuner_layers(model: nn.Module) -> list[nn.Module]:
+    """PEFT tuner layers (LoRA and others), found by duck typing wherever they sit in the model."""
+    return [m for m in model.modules()
+            if getattr(type(m), "adapter_layer_names", None) and callable(getattr(m, "enable_adapters", None))]
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Run the base model: PEFT's `disable_adapter()` context, or transformers' disable/enable_adapters pair."""
-    if callable(getattr(model, "disable_adapter", None)):
-        with model.disable_adapter():
-            yield
-        return
-    if getattr(model, "_hf_peft_config_loaded", False) and not _lora_layers_disabled(model):
-        model.disable_adapters()
-        try:
-            yield
-        finally:
-            model.enable_adapters()
-        return
-    yield
+    """Run the base model: every PEFT tuner layer switched off, whichever object wraps them (PeftModel,
+    LoraModel, or a transformers model with injected adapters); each layer's flag and every parameter's
+    requires_grad are restored afterwards (PEFT's own enable/disable would change requires_grad)."""
+    layers = _tuner_layers(model)
+    was_disabled = [bool(getattr(m, "disable_adapters", False)) for m in layers]
+    grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m, disabled in zip(layers, was_disabled):
+            m.enable_adapters(not disabled)
+        for p, flag in grads:
+            p.requires_grad_(flag)
 
 
 @contextmanager
@@ -74,6 +76,7 @@ class LayerCapture:
         self.model, self.layers, self.sink = model, layers, sink
         self.needs_grad, self.per_example = needs_grad, per_example
         self.mask: Optional[torch.Tensor] = None  # (B, T) bool, set before each forward
+        self.active = False  # hooks record only inside a Fisher step (not during target generation)
         self._roots: list[torch.Tensor] = []
         self._outputs: list[torch.Tensor] = []  # fallback roots: every hooked output that requires grad
         self._handles: list = []
@@ -109,7 +112,7 @@ class LayerCapture:
         return leaf.clone()
 
     def _embedding_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
-        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+        if not self.active or not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return None
         if output.requires_grad:  # trainable embedding: differentiate w.r.t. its output, not its weight
             self._roots.append(output)
@@ -118,6 +121,8 @@ class LayerCapture:
 
     def _forward_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
+            if not self.active:
+                return None
             x, mask = inputs[0].detach(), self.mask
             if not self.needs_grad:
                 self._deliver(name, x, None, mask)
@@ -146,9 +151,9 @@ class LayerCapture:
                     "estimator='token' or exclude the layer with target_modules."
                 )
             x3, mask = x.reshape(1, -1, x.shape[-1]), torch.ones(1, x.shape[:-1].numel(), device=x.device)
-        m = mask.to(dtype).unsqueeze(-1)  # (B, T, 1)
+        m = mask.to(x3.device, dtype).unsqueeze(-1)  # (B, T, 1); layers may sit on other devices (device_map)
         g3 = None if g is None else g.reshape(*x3.shape[:-1], g.shape[-1]).to(dtype) * m
-        self.sink(name, x3.to(dtype) * m, g3, mask.to(dtype))
+        self.sink(name, x3.to(dtype) * m, g3, m.squeeze(-1))
 
 
 def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:

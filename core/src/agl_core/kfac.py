@@ -28,9 +28,12 @@ def _fix_signs(vecs: torch.Tensor) -> torch.Tensor:
     return vecs * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
-def _clean(vals: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """Clamp eigenvalues at ≥ 0; values below n·eps·trace(matrix) are round-off and count as 0."""
-    tol = matrix.shape[0] * EPS64 * float(matrix.diagonal().clamp(min=0).sum())
+def _clean(vals: torch.Tensor, matrix: torch.Tensor, eps: float = EPS64) -> torch.Tensor:
+    """Clamp eigenvalues at ≥ 0; values below n·eps·trace(matrix) are round-off and count as 0.
+
+    eps is the machine epsilon of the dtype the statistics were accumulated in (float32 for fp32/bf16 models).
+    """
+    tol = matrix.shape[0] * eps * float(matrix.diagonal().clamp(min=0).sum())
     return torch.where(vals > tol, vals, torch.zeros_like(vals))
 
 
@@ -43,7 +46,12 @@ def top_eigenpairs(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     vals, vecs = torch.linalg.eigh(m)  # ascending
     k = min(k, m.shape[0])
     vals, vecs = vals.flip(0)[:k], vecs.flip(1)[:, :k]
-    return _clean(vals, m), _fix_signs(vecs)
+    return _clean(vals, m, _eps(matrix)), _fix_signs(vecs)
+
+
+def _eps(matrix: torch.Tensor) -> float:
+    """Machine epsilon of the dtype `matrix` was accumulated in (float64 for non-float inputs)."""
+    return torch.finfo(matrix.dtype).eps if matrix.is_floating_point() else EPS64
 
 
 def contrastive_eigenpairs(
@@ -77,7 +85,7 @@ def contrastive_eigenpairs(
     q, _ = torch.linalg.qr(gen)  # (n, k) orthonormal basis of their span
     lam, inner = torch.linalg.eigh(q.T @ xa @ q)  # (k,), (k, k) ascending
     vecs = _fix_signs(q @ inner.flip(1))  # (n, k)
-    return _clean(lam.flip(0), xa), vecs
+    return _clean(lam.flip(0), xa, _eps(x_align)), vecs
 
 
 def _check_stats(name: str, stats: object) -> tuple[int, int]:

@@ -13,9 +13,24 @@ PEFT_PREFIX = "base_model.model."
 LORA_LAYER_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
+WRAPPER_SEGMENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
 def base_name(name: str) -> str:
-    """Module name in the plain base model: drops PEFT's `base_model.model.` wrapper prefix."""
+    """Module name in the plain base model: drops DDP's leading `module.`, torch.compile / FSDP / activation
+    checkpointing wrapper segments, and PEFT's `base_model.model.` prefix."""
+    parts = [p for p in name.split(".") if p not in WRAPPER_SEGMENTS]
+    if parts[:1] == ["module"]:
+        parts = parts[1:]
+    name = ".".join(parts)
     return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def naming_root(model: nn.Module) -> nn.Module:
+    """The module whose child names are base-model names: a PEFT tuner (LoraModel) names its model `.model`."""
+    while callable(getattr(model, "inject_adapter", None)) and isinstance(getattr(model, "model", None), nn.Module):
+        model = model.model
+    return model
 
 
 def name_matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
@@ -60,7 +75,7 @@ def find_linear_modules(model: nn.Module, target_modules: Optional[list[str]] = 
     """
     skip = _output_embedding_ids(model)
     found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
+    for name, module in naming_root(model).named_modules():
         parts = name.split(".")
         if any(p in LORA_LAYER_NAMES for p in parts) or (parts and parts[-1] == "base_layer"):
             continue
@@ -134,7 +149,7 @@ def find_lora_targets(
     Raises ValueError for DoRA / LoRA variants, LoRA on non-linear layers and non-LoRA PEFT adapters.
     """
     targets: list[LoRATarget] = []
-    for name, module in model.named_modules():
+    for name, module in naming_root(model).named_modules():
         if _is_foreign_tuner(module):
             raise ValueError(
                 f"Module {name!r} carries a {type(module).__name__} adapter; AGL supports LoRA adapters only."

@@ -84,12 +84,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class AGLPenalty:
     """Binds a FisherMask to a model's trainable LoRA adapters once; each call returns a PenaltyResult.
 
-    `config` defaults to the mask's config. Tensors of the mask are cached on the LoRA weights' device
+    `config` defaults to the mask's config. The mask's base-model fingerprint is checked against `model`
+    (check_fingerprint=False skips it, e.g. for synthetic masks). Tensors of the mask are cached on the LoRA weights' device
     (re-cached if the model moves). fp16/bf16 LoRA weights are computed in float32.
     """
 
     def __init__(self, model: nn.Module, mask: Any, config: Optional[AGLConfig] = None, *,
-                 chunk_size: int = DEFAULT_CHUNK) -> None:
+                 chunk_size: int = DEFAULT_CHUNK, check_fingerprint: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (a PEFT LoRA model), got {type(model).__name__}.")
         if not isinstance(getattr(mask, "blocks", None), dict):
@@ -106,6 +107,8 @@ class AGLPenalty:
             )
         self.config, self.mask, self.chunk_size = config, mask, chunk_size
         _warn_mask_settings(config, getattr(mask, "config", None))
+        if check_fingerprint and callable(getattr(mask, "check_model", None)):
+            mask.check_model(model)  # refuses a mask estimated on another base model
         self._bound, self.unmatched_mask_modules = bind_targets(model, _covered_blocks(mask), config)
         if self.unmatched_mask_modules:
             names = self.unmatched_mask_modules
