@@ -8,7 +8,7 @@ from typing import Any, Optional
 from agl_plugins.hookspecs import hookimpl
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def agl_adapter_for_trainer(trainer: Any, config: Any) -> Optional[Any]:
     """An HFTrainerAdapter for a `transformers.Trainer` (or subclass), else None.
 
