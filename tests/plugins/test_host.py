@@ -150,14 +150,14 @@ def test_builtin_estimators_and_prompt_sets_are_available():
     assert isinstance(resolve_estimator(estimators["token"]), TokenFisher)
     sets = available_prompt_sets(pm)
     assert isinstance(sets["alignment-v1"], PromptSet)
-    assert available_judges(pm) == {}
+    assert set(available_judges(pm)) == {"pattern", "margin"}  # DriftCheck's built-in judges
 
 
 def test_plugin_registrations_are_merged():
     pm = get_plugin_manager()
     pm.register(Registers(estimators={"mine": TokenFisher}, prompt_sets={"extra": object()}), name="ext")
     assert set(available_estimators(pm)) == {"token", "example", "mine"}
-    assert set(available_prompt_sets(pm)) == {"alignment-v1", "extra"}
+    assert set(available_prompt_sets(pm)) == {"alignment-v1", "overrefusal-v1", "extra"}
 
 
 @pytest.mark.parametrize("kind", ["estimators", "prompt_sets"])

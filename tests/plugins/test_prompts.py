@@ -134,7 +134,7 @@ def test_reference_files_may_omit_the_label(tmp_path):
     ("d.jsonl", '{"prompt": "ok", "label": "safe"}\n{oops\n', r"d.jsonl:2: not valid JSON"),
     ("e.jsonl", "\n\n", r"'e.jsonl' holds no records"),
     ("f.csv", "prompt,label\n", r"'f.csv' holds no records"),
-    ("g.txt", "hello", r"'g.txt' has an unsupported type; use one of \['.jsonl', '.json', '.csv'\]"),
+    ("g.txt", "hello", r"'g.txt' has an unsupported type; use one of \['.jsonl', '.json', '.csv', '.parquet'\]"),
     ("h.jsonl", '["a list"]\n', r"h.jsonl:1: expected an object with 'prompt' and 'label', got list"),
     ("i.json", '{"prompt": "x"}', r"i.json: expected a JSON list of objects"),
 ])

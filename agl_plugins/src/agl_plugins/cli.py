@@ -1,4 +1,4 @@
-"""The `agl` command line: one subcommand per module (fisher now; drift and report plug in the same way)."""
+"""The `agl` command line: one subcommand per module (fisher, drift, report)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import sys
 from typing import Optional, Sequence
 
 # subcommand → module exposing HELP, add_arguments(parser, pm) and run(args, pm) -> int
-SUBCOMMANDS = {"fisher": "agl_plugins.cli_fisher"}
+SUBCOMMANDS = {
+    "fisher": "agl_plugins.cli_fisher",
+    "drift": "agl_plugins.drift.cli",
+    "report": "agl_plugins.drift.cli_report",
+}
 DEBUG_ENV = "AGL_DEBUG"  # set to 1 to see the traceback behind an input error
 
 

@@ -1,4 +1,4 @@
-"""Alignment prompt sets: the shipped alignment-v1 set and local JSONL / CSV files, validated into records."""
+"""Alignment prompt sets: the shipped alignment-v1 set and local JSONL / JSON / CSV / parquet files, validated."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .refusals import refusal
 DATA_DIR = Path(__file__).resolve().parent / "data"
 LABELS = ("unsafe", "safe")
 BUILTIN_PREFIX = "builtin:"
-SUFFIXES = (".jsonl", ".json", ".csv")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 @dataclass
@@ -115,8 +115,25 @@ def _rows_csv(path: Path, default_label: Optional[str]) -> Iterable[tuple[int, A
     return enumerate(rows, start=2)
 
 
+def _rows_parquet(path: Path, default_label: Optional[str]) -> Iterable[tuple[int, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path.name}: reading parquet needs pyarrow: pip install pyarrow.") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for damaged files
+        raise ValueError(f"{path.name}: not a readable parquet file ({exc}).") from None
+    needed = ["prompt"] + ([] if default_label else ["label"])
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path.name}: missing column(s) {missing} (found {table.column_names}); a parquet file "
+                         "needs 'prompt' and 'label' columns (+ optional 'response', 'category', 'id').")
+    return enumerate(table.to_pylist(), start=1)
+
+
 def read_records(path: Path, default_label: Optional[str] = None) -> list[dict]:
-    """Validated records of a local .jsonl / .json / .csv file; ValueError says what to fix."""
+    """Validated records of a local .jsonl / .json / .csv / .parquet file; ValueError says what to fix."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(
@@ -128,6 +145,8 @@ def read_records(path: Path, default_label: Optional[str] = None) -> list[dict]:
         raise ValueError(f"Data file {path.name!r} has an unsupported type; use one of {list(SUFFIXES)}.")
     if suffix == ".csv":
         rows = _rows_csv(path, default_label)
+    elif suffix == ".parquet":
+        rows = _rows_parquet(path, default_label)
     else:
         rows = _rows_jsonl(path) if suffix == ".jsonl" else _rows_json(path)
     records = [_record(raw, f"{path.name}:{n}", path.name, default_label) for n, raw in rows]
