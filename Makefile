@@ -47,7 +47,7 @@ $(AXO_STAMP): $(UNITS) Makefile
 
 test: setup
 	$(BIN)/python -m pytest tests -q
-	$(AXO_BIN)/python -m pytest -q $(AXO_TESTS)
+	$(AXO_BIN)/python -m pytest -q $(AXO_TESTS) tests/plugins/trl tests/e2e/test_agl_trl_cli.py
 
 demo: setup
 	$(BIN)/agl fisher --model smollm2-135m-instruct --data builtin:alignment-v1 --out out/mask --max-examples 128

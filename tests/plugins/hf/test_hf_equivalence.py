@@ -12,7 +12,13 @@ import dataclasses
 import pytest
 import torch
 
+import sys
+
 import hfkit
+
+sys.path.insert(0, str(hfkit.HERE.parent / "trl"))
+import trlkit  # noqa: E402
+
 from agl_core import AGLPenalty
 from agl_plugins import attach, get_plugin_manager
 
@@ -24,8 +30,9 @@ def build_hf_trainer(model, out):
     return hfkit.trainer(model, out, max_steps=3, learning_rate=5e-2, max_grad_norm=0.0)
 
 
-BUILDERS = {"agl_hf_callback": build_hf_trainer}
-PENDING = {"agl_trl": "issue #4", "agl_axolotl": "issue #5"}
+BUILDERS = {"agl_hf_callback": build_hf_trainer, "agl_trl": trlkit.build_sft_trainer}
+# Axolotl's trainers exist only in .venv-axolotl: its equivalence check is tests/plugins/axolotl/test_axolotl_trainers.py
+PENDING = {"agl_axolotl": "tests/plugins/axolotl/test_axolotl_trainers.py (runs under .venv-axolotl)"}
 
 
 def direct_check(penalty_of, records):
