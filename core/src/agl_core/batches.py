@@ -119,7 +119,8 @@ def _eos_ids(model: Optional[nn.Module], tokenizer: Any) -> set[int]:
     return {i for i in ids if isinstance(i, int)}
 
 
-def _left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T), attention mask (B, T)) with the sequences aligned at the right end (for generation)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -138,7 +139,7 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompts: list[list[int]], *, 
     with base_model_mode(model), torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            ids, mask = _left_pad(chunk, pad, device)
+            ids, mask = left_pad(chunk, pad, device)
             gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad)  # (b, width + new)
             for row in gen[:, ids.shape[1]:].tolist():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from agl_core.batches import left_pad as core_left_pad
 from agl_core.batches import model_device, pad_id, render_prompt
 
 
@@ -26,14 +27,8 @@ def render_all(tokenizer: Any, prompts: list[str], use_chat_template: bool) -> l
 
 def left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(ids (B, T), attention mask (B, T), position ids (B, T)) with sequences aligned at the right end."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[row, width - len(s):] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
+    ids, mask = core_left_pad(seqs, pad, device)
+    return ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
