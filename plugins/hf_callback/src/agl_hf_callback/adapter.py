@@ -26,14 +26,7 @@ class HFTrainerAdapter:
 
     def __init__(self, trainer: Any, config: Optional[AGLConfig] = None, mask: Any = None) -> None:
         self.trainer = trainer
-        existing = _existing_callback(trainer)
-        self.callback = existing if existing is not None else AGLCallback(config, mask)
-        self.callback.setup(trainer.model, trainer.args)  # start-up errors surface here, at attach()
-        if existing is None:
-            trainer.add_callback(self.callback)
-        elif config not in (None, AGLConfig()) and config != self.callback.config:
-            logger.warning("AGL: the trainer already has an AGLCallback; attach() keeps its config and ignores "
-                           "the one passed to attach().")
+        self.callback = ensure_callback(trainer, config, mask)
         _wrap_log(trainer, self.callback)
 
     @property
@@ -51,6 +44,19 @@ class HFTrainerAdapter:
         modules = len(self.penalty.modules) if self.penalty is not None else 0
         name = type(self.trainer).__name__
         return f"HFTrainerAdapter({name}, {modules} LoRA modules, enabled={self.callback.enabled})"
+
+
+def ensure_callback(trainer: Any, config: Optional[AGLConfig] = None, mask: Any = None) -> AGLCallback:
+    """The trainer's AGLCallback (added if it has none), set up so start-up errors surface at attach()."""
+    existing = _existing_callback(trainer)
+    callback = existing if existing is not None else AGLCallback(config, mask)
+    callback.setup(trainer.model, trainer.args)
+    if existing is None:
+        trainer.add_callback(callback)
+    elif config not in (None, AGLConfig()) and config != callback.config:
+        logger.warning("AGL: the trainer already has an AGLCallback; attach() keeps its config and ignores "
+                       "the one passed to attach().")
+    return callback
 
 
 def _existing_callback(trainer: Any) -> Optional[AGLCallback]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 from agl_core import AGLConfig
 from agl_hf_callback import AGLCallback
+from agl_hf_callback.adapter import ensure_callback
 from transformers import TrainerCallback
 
-logger = logging.getLogger(__name__)
 
 
 class TRLMetricsSink(TrainerCallback):
@@ -53,14 +52,7 @@ class TRLTrainerAdapter:
             raise ValueError(f"{type(trainer).__name__} already adds the AGL penalty in compute_loss (AGLLossMixin); "
                              "attaching AGLCallback too would add it twice. Use one of them.")
         self.trainer = trainer
-        existing = _find(trainer, AGLCallback)
-        self.callback = existing if existing is not None else AGLCallback(config, mask)
-        self.callback.setup(trainer.model, trainer.args)  # start-up errors surface here, at attach()
-        if existing is None:
-            trainer.add_callback(self.callback)
-        elif config not in (None, AGLConfig()) and config != self.callback.config:
-            logger.warning("AGL: the trainer already has an AGLCallback; attach() keeps its config and ignores "
-                           "the one passed to attach().")
+        self.callback = ensure_callback(trainer, config, mask)
         sink = _find(trainer, TRLMetricsSink)
         self.sink = sink if sink is not None else TRLMetricsSink(trainer, self.callback)
         if sink is None:
