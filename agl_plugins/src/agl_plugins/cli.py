@@ -1,4 +1,4 @@
-"""The `agl` command line: one subcommand per module (fisher, drift, report)."""
+"""The `agl` command line: one subcommand per module (fisher, drift, report, forgetting)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "fisher": "agl_plugins.cli_fisher",
     "drift": "agl_plugins.drift.cli",
     "report": "agl_plugins.drift.cli_report",
+    "forgetting": "agl_plugins.forgetting.cli",
 }
 DEBUG_ENV = "AGL_DEBUG"  # set to 1 to see the traceback behind an input error
 

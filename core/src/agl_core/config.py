@@ -13,6 +13,7 @@ BASES = ("coordinate", "kfac")
 TASK_REGS = ("identity",)
 ESTIMATORS = ("token", "example")
 KFAC_OUT_WEIGHTS = ("g_diag", "ones")
+FORGETTING_TARGETS = ("missing", "all")
 
 # Fields that decide which coordinates a mask protects; a loaded mask carries its own values.
 MASK_FIELDS = ("rho", "budget", "basis", "k_in", "k_out", "kfac_out_weight", "contrastive_delta")
@@ -50,6 +51,18 @@ class AGLConfig:
         None, "Module names to cover: exact names, name suffixes (e.g. 'q_proj') or 're:<regex>' (default: all)."
     )
     enabled: bool = _opt(True, "Master switch: False adds no penalty (e.g. for evaluation or a baseline run).")
+    forgetting_data: Optional[str] = _opt(
+        None, "Measure the alignment loss during training (forgetting curve, fit with `agl forgetting`): "
+        "builtin:alignment-v1 (its eval split) or a .jsonl/.json/.csv/.parquet file with prompt, label (+ response). "
+        "Rows go to <output_dir>/agl_forgetting.jsonl. Works with enabled=False and no mask (plain LoRA)."
+    )
+    forgetting_points: int = _opt(12, "Forgetting probe: measurements per run, step 0 plus log-spaced steps up to the last (≥ 2).")
+    forgetting_max_prompts: int = _opt(64, "Forgetting probe: prompts measured, alternating unsafe and safe (≥ 1).")
+    forgetting_targets: str = _opt(
+        "missing", "Forgetting probe targets: 'missing' (given responses; the base model's greedy answer where none) "
+        "or 'all' (the base model's greedy answer for every prompt).", choices=FORGETTING_TARGETS
+    )
+    forgetting_max_new_tokens: int = _opt(48, "Forgetting probe: greedy tokens generated per target (≥ 1).")
 
     def __post_init__(self) -> None:
         self.k_out = _parse_k_out(self.k_out)
@@ -63,6 +76,12 @@ class AGLConfig:
         _check_range("contrastive_delta", self.contrastive_delta, lo=0.0)
         _check_int("k_in", self.k_in, lo=1)
         _check_int("warmup_steps", self.warmup_steps, lo=0)
+        _check_int("forgetting_points", self.forgetting_points, lo=2)
+        _check_int("forgetting_max_prompts", self.forgetting_max_prompts, lo=1)
+        _check_int("forgetting_max_new_tokens", self.forgetting_max_new_tokens, lo=1)
+        if self.forgetting_data is not None and (not isinstance(self.forgetting_data, str) or not self.forgetting_data.strip()):
+            raise ValueError(f"AGLConfig.forgetting_data={self.forgetting_data!r} is invalid: give a data file path or "
+                             "builtin:<set>[:<split>] (e.g. builtin:alignment-v1), or None for no forgetting probe.")
         for name, allowed in (
             ("budget", BUDGETS),
             ("split", SPLITS),
@@ -70,6 +89,7 @@ class AGLConfig:
             ("task_reg", TASK_REGS),
             ("estimator", ESTIMATORS),
             ("kfac_out_weight", KFAC_OUT_WEIGHTS),
+            ("forgetting_targets", FORGETTING_TARGETS),
         ):
             _check_choice(name, getattr(self, name), allowed)
         if not isinstance(self.enabled, bool):

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 from agl_core import AGLConfig, AGLPenalty, FisherMask, find_lora_targets
+from agl_plugins.forgetting.recorder import ForgettingOptions, ForgettingRecorder
 from transformers import TrainerCallback
 
 from .checks import as_config, load_mask, mask_source, refuse_engine
@@ -44,11 +45,22 @@ class AGLCallback(TrainerCallback):
     config: an AGLConfig, a dict of its options, or None (the mask's own config). mask: a FisherMask, or the
     path of one (default `config.mask_path`). Start-up problems raise ValueError at trainer construction
     (when passed in `callbacks=`) or at `on_train_begin`, never mid-training.
+
+    With `config.forgetting_data` set it also measures the alignment loss at log-spaced optimizer steps (see
+    agl_plugins.forgetting): into the training log of that step and <output_dir>/agl_forgetting.jsonl. With
+    `enabled=False` and no mask it only measures (a plain LoRA baseline). tokenizer: for the probe, when the
+    Trainer has no `processing_class`.
     """
 
-    def __init__(self, config: Any = None, mask: Any = None) -> None:
+    def __init__(self, config: Any = None, mask: Any = None, *, tokenizer: Any = None) -> None:
         self._config_arg: Optional[AGLConfig] = as_config(config)
-        self._mask_source = mask_source(mask, self._config_arg)
+        measure_only = mask is None and self._config_arg is not None and not self._config_arg.enabled and \
+            self._config_arg.mask_path is None and self._config_arg.forgetting_data is not None
+        self._mask_source = None if measure_only else mask_source(mask, self._config_arg)
+        self.tokenizer = tokenizer
+        options = ForgettingOptions.from_config(self._config_arg)
+        self.forgetting: Optional[ForgettingRecorder] = ForgettingRecorder(options) if options else None
+        self.forget_metrics: dict[str, float] = {}
         self.config: Optional[AGLConfig] = self._config_arg  # resolved at setup when None
         self.mask: Optional[FisherMask] = None
         self.penalty: Optional[AGLPenalty] = None
@@ -105,10 +117,15 @@ class AGLCallback(TrainerCallback):
         refuse_engine(args, self._params)
 
     def _bind(self, model: torch.nn.Module) -> None:
+        if self._mask_source is None:  # measuring only (enabled=False, forgetting_data): no penalty to bind
+            self._model = model
+            return
         if self.mask is None:
             self.mask = load_mask(self._mask_source)
             self.config = self._config_arg if self._config_arg is not None else self.mask.config
             self.mask_identity = self.mask.identity()
+            options = ForgettingOptions.from_config(self.config) if self.forgetting is None else None
+            self.forgetting = ForgettingRecorder(options) if options else self.forgetting
         self.penalty = AGLPenalty(model, self.mask, self.config)  # also checks the mask's base-model fingerprint
         targets = find_lora_targets(model, self.config.adapters, self.config.target_modules)
         unique = {id(t): t for tgt in targets for t in (tgt.A, tgt.B) if t.requires_grad}
@@ -127,14 +144,28 @@ class AGLCallback(TrainerCallback):
         self.setup(model, args)
         self.window.reset()
         self.last_metrics = {}
-        if state.global_step > 0:
+        if state.global_step > 0 and self.mask is not None:  # (measuring only: no penalty state to restore)
             self._restore(args, state.global_step)
+        self.forget_metrics = {}
+        if self.forgetting is not None:
+            metrics = self.forgetting.start(
+                model, self.tokenizer or kwargs.get("processing_class"), output_dir=args.output_dir,
+                max_steps=state.max_steps, global_step=state.global_step, is_main=state.is_world_process_zero,
+                agl_enabled=self.enabled, batch_size=args.per_device_eval_batch_size)
+            if metrics:  # step 0 has no training log: a log_history entry of its own
+                state.log_history.append({"epoch": 0.0, "step": 0, **metrics})
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.penalty is None or model is not self._model:
             self.setup(model, args)
         if self.enabled:
             self.add_penalty_grad(state.global_step, optimizer)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.forgetting is not None and self.forgetting.due(state.global_step):
+            control.should_log = True  # on every rank (logging gathers the loss), so this step gets a training log
+            self.forget_metrics.update(self.forgetting.record(
+                model, state.global_step, epoch=state.epoch, tokens_seen=state.num_input_tokens_seen))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not is_training_log(logs) or "agl/penalty" in logs:
@@ -178,12 +209,14 @@ class AGLCallback(TrainerCallback):
         return self.last_metrics
 
     def merge_metrics(self, logs: dict) -> dict[str, float]:
-        """Add the window's averages to a training log (nothing for other logs), reset the window."""
-        if not is_training_log(logs) or not self.window.count:
+        """Add the window's averages and pending agl/forget_* metrics to a training log (nothing for other logs),
+        then reset both."""
+        if not is_training_log(logs) or not (self.window.count or self.forget_metrics):
             return {}
-        merged = self.window.means()
+        merged = {**self.window.means(), **self.forget_metrics}
         logs.update(merged)
         self.window.reset()
+        self.forget_metrics = {}
         return merged
 
     def state_dict(self, global_step: int) -> dict[str, Any]:
