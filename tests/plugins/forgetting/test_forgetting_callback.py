@@ -202,3 +202,20 @@ def test_builtin_alignment_v1_eval_split(tmp_path):
     eval_ids = {r["id"] for r in alignment_v1().records("eval")}
     assert len(recorder.records) == 10 and {r["id"] for r in recorder.records} <= eval_ids  # held out from Fisher
     assert [r["label"] for r in recorder.records] == ["unsafe", "safe"] * 5
+
+
+def test_plain_lora_dpo_trainer_matches_direct_evaluation(tmp_path):
+    """DPO with a PEFT model adds a frozen `ref` adapter: the probe scores the trained adapter, targets come from
+    the base with every adapter off."""
+    import trlkit
+
+    tok = tiny.tiny_tokenizer()
+    model = hfkit.lora_model(seed=0)
+    callback = AGLCallback(forget_config(tmp_path, forgetting_points=3))
+    direct = Direct(tok)
+    out = tmp_path / "dpo"
+    trainer = trlkit.dpo_trainer(model, out, callbacks=[callback, direct], max_steps=3, learning_rate=5e-2,
+                                 logging_steps=100)
+    trainer.train()
+    check_rows(rows_of(out), direct, log_schedule(3, 3))
+    assert [h["step"] for h in trainer.state.log_history if "agl/forget_nll" in h] == log_schedule(3, 3)

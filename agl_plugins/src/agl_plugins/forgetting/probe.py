@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -99,10 +100,25 @@ def build_probe(model: Any, tokenizer: Any, records: list[dict], *, generate: st
                     [list(t) for t in targets])
 
 
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the (base) model's forward takes `logits_to_keep` (project only the last positions to the vocabulary)."""
+    getter = getattr(model, "get_base_model", None)
+    base = getter() if callable(getter) else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def prompt_nll(model: torch.nn.Module, batches: Iterable[dict]) -> np.ndarray:
     """Mean token NLL of each example's labelled tokens under `model` as it is (adapters on), in eval mode and
-    without gradients; every submodule's training flag is restored afterwards. Returns (examples,) float64."""
+    without gradients; every submodule's training flag is restored afterwards. Returns (examples,) float64.
+
+    Only the positions from the batch's first labelled token on are projected to the vocabulary when the model
+    takes `logits_to_keep` (the prompt positions before it predict nothing that is scored).
+    """
     device = model_device(model)
+    keep = _keeps_logits(model)
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     out: list[float] = []
@@ -111,11 +127,16 @@ def prompt_nll(model: torch.nn.Module, batches: Iterable[dict]) -> np.ndarray:
             for batch in batches:
                 ids = batch["input_ids"].to(device)  # (b, T)
                 mask = batch["attention_mask"].to(device)  # (b, T)
-                labels = batch["labels"].to(device)[:, 1:]  # (b, T-1): token t+1 predicted at position t
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]  # (b, T-1, V)
-                valid = labels != IGNORE
+                labels = batch["labels"].to(device)  # (b, T)
+                scored = (labels != IGNORE).any(dim=0).nonzero()
+                start = max(int(scored[0]) - 1, 0) if keep and len(scored) else 0  # first predicting position
+                extra = {"logits_to_keep": ids.shape[1] - start} if keep else {}
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
+                logits = logits[:, -(ids.shape[1] - start):][:, :-1]  # (b, T-1-start, V): positions start..T-2
+                target = labels[:, start + 1:]  # (b, T-1-start): the token each position predicts
+                valid = target != IGNORE
                 logp = torch.log_softmax(logits.float(), dim=-1)
-                tok = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (b, T-1)
+                tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (b, T-1-start)
                 nll = -(tok.double() * valid).sum(1) / valid.sum(1).clamp(min=1)
                 out.extend(nll.tolist())
     finally:
@@ -125,5 +146,14 @@ def prompt_nll(model: torch.nn.Module, batches: Iterable[dict]) -> np.ndarray:
 
 
 def measure(model: torch.nn.Module, probe: ProbeSet, tokenizer: Any, batch_size: int = 8) -> np.ndarray:
-    """Per-prompt alignment loss of `probe` under `model` now: (prompts,) float64 (NaN where the model overflowed)."""
-    return prompt_nll(model, probe.batches(batch_size, pad_id(tokenizer)))
+    """Per-prompt alignment loss of `probe` under `model` now: (prompts,) float64 (NaN where the model overflowed).
+
+    Examples are batched by length (less padding) and returned in the probe's order.
+    """
+    order = sorted(range(len(probe.ids)), key=lambda i: len(probe.prompt_ids[i]) + len(probe.target_ids[i]))
+    ranked = ProbeSet([probe.ids[i] for i in order], [probe.labels[i] for i in order],
+                      [probe.prompt_ids[i] for i in order], [probe.target_ids[i] for i in order])
+    nll = prompt_nll(model, ranked.batches(batch_size, pad_id(tokenizer)))
+    out = np.empty_like(nll)
+    out[order] = nll
+    return out
