@@ -377,3 +377,24 @@ def test_save_survives_sigkill(tmp_path):
     masks[0].save(path)  # the next save removes the killed writers' temp files
     assert [p.name for p in tmp_path.iterdir()] == ["mask.safetensors"]
     assert FisherMask.load(path).identity() == masks[0].identity()
+
+
+def test_mask_identity_ignores_forgetting_probe_settings(tmp_path):
+    """A mask's identity (recorded in checkpoints) is the same whatever the probe options of the run are, and a mask
+    saved before those options existed keeps its identity: saved masks never record them."""
+    import dataclasses
+
+    from agl_core.config import AGLConfig
+    from agl_core.mask import FisherMask
+
+    torch.manual_seed(0)
+    fisher = {"layer.q": torch.rand(6, 5), "layer.v": torch.rand(4, 5)}
+    plain = FisherMask.from_fisher(fisher, AGLConfig(rho=0.2))
+    probed = FisherMask.from_fisher(fisher, AGLConfig(rho=0.2, forgetting_data="builtin:alignment-v1",
+                                                      forgetting_points=5))
+    assert plain.identity() == probed.identity()
+    assert not any(k.startswith("forgetting_") for k in plain.state_dict()["meta"]["config"])
+    loaded = FisherMask.load(probed.save(tmp_path / "m"))
+    assert loaded.identity() == plain.identity()
+    changed = FisherMask.from_fisher(fisher, dataclasses.replace(AGLConfig(rho=0.3)))
+    assert changed.identity() != plain.identity()

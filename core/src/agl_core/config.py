@@ -14,6 +14,9 @@ TASK_REGS = ("identity",)
 ESTIMATORS = ("token", "example")
 KFAC_OUT_WEIGHTS = ("g_diag", "ones")
 FORGETTING_TARGETS = ("missing", "all")
+# Settings of the forgetting probe: they describe a training run, not a mask, so a mask never records them (a mask's
+# identity, which checkpoints record, must not change when probe options are added or set).
+PROBE_PREFIX = "forgetting_"
 
 # Fields that decide which coordinates a mask protects; a loaded mask carries its own values.
 MASK_FIELDS = ("rho", "budget", "basis", "k_in", "k_out", "kfac_out_weight", "contrastive_delta")
@@ -103,6 +106,10 @@ class AGLConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def mask_dict(self) -> dict[str, Any]:
+        """to_dict() without the forgetting-probe settings: what a saved mask records."""
+        return {k: v for k, v in self.to_dict().items() if not k.startswith(PROBE_PREFIX)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AGLConfig":

@@ -71,7 +71,7 @@ class FisherMask:
         for name, block in self.blocks.items():
             tensors.update(maskio.block_tensors(name, block))
             modules[name] = maskio.block_meta(block)
-        meta = {"config": self.config.to_dict(), "modules": modules, "metadata": self.metadata}
+        meta = {"config": self.config.mask_dict(), "modules": modules, "metadata": self.metadata}
         maskio.canonical_json(meta)  # fail early, with a clear message, on non-JSON metadata
         return {"tensors": tensors, "meta": meta}
 
