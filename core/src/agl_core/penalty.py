@@ -12,7 +12,8 @@ from torch import nn
 
 from .binding import BoundModule, bind_targets, empty_block
 from .config import AGLConfig
-from .gather import DEFAULT_CHUNK, delta_sq_norm, gather_delta, kfac_project
+from .fused import DEFAULT_CHUNK, FusedCoordinates
+from .gather import delta_sq_norm, kfac_project
 from .mask import EMPTY_KEY
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ class AGLPenalty:
         if check_fingerprint and callable(getattr(mask, "check_model", None)):
             mask.check_model(model)  # refuses a mask estimated on another base model
         self._bound, self.unmatched_mask_modules = bind_targets(model, _covered_blocks(mask), config)
+        self._group_keys: Optional[tuple] = None
+        self._group_cache: list[tuple[list[int], FusedCoordinates]] = []
         if self.unmatched_mask_modules:
             names = self.unmatched_mask_modules
             logger.warning(
@@ -130,22 +133,55 @@ class AGLPenalty:
     def __call__(self, step: Optional[int] = None, per_module: bool = False) -> PenaltyResult:
         scale = self._scale(step)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.enabled):
-            terms = [self._terms(b) for b in self._bound]
-        device = terms[0].L_A.device
-        sums = {n: torch.stack([getattr(t, n).to(device) for t in terms]).sum() for n in TERMS}
+            order, cols = self._evaluate()  # each field (n_modules,), modules in `order`
+        sums = {n: getattr(cols, n).sum() for n in TERMS}
         if self.config.enabled:
             total = scale * self._weighted(sums)
             if not bool(torch.isfinite(total)):
-                _raise_non_finite(total, terms, self._bound)
+                _raise_non_finite(total, order, cols, self._bound)
         else:
-            total = torch.zeros((), dtype=sums["L_A"].dtype, device=device)
-        on_s = torch.stack([t.on_support.to(device) for t in terms]).sum()
-        dw_sq = torch.stack([t.dw_sq.to(device) for t in terms]).sum()
+            total = torch.zeros((), dtype=sums["L_A"].dtype, device=sums["L_A"].device)
+        on_s, dw_sq = cols.on_support.sum(), cols.dw_sq.sum()
         share = torch.where(dw_sq > 0, on_s / torch.where(dw_sq > 0, dw_sq, torch.ones_like(dw_sq)), 0.0)
-        max_abs = torch.stack([t.max_abs_dw_s.to(device) for t in terms]).amax()
-        detail = _per_module(terms, self._bound) if per_module else None
+        max_abs = cols.max_abs_dw_s.amax()
+        detail = _per_module(order, cols, self._bound) if per_module else None
         return PenaltyResult(total, sums["L_A"], sums["L_T"], sums["E_rie"], sums["E_geo"], scale,
                              share, max_abs, detail)
+
+    def _evaluate(self) -> tuple[list[int], ModuleTerms]:
+        """Every module's terms as (n_modules,) vectors: fused coordinate groups first, then K-FAC modules."""
+        c = self.config
+        order: list[int] = []
+        parts: list[tuple] = []
+        for members, group in self._groups():
+            parts.append(tuple(group(c.beta, c.tau, c.eps)))
+            order += members
+        kfac = [i for i, b in enumerate(self._bound) if b.kind != "coordinate"]
+        if kfac:
+            terms = [self._terms(self._bound[i]) for i in kfac]
+            device = terms[0].L_A.device
+            parts.append(tuple(torch.stack([t[f].to(device) for t in terms]) for f in range(len(ModuleTerms._fields))))
+            order += kfac
+        device = parts[0][0].device
+        return order, ModuleTerms(*(torch.cat([p[f].to(device) for p in parts]) for f in range(len(parts[0]))))
+
+    def _groups(self) -> list[tuple[list[int], FusedCoordinates]]:
+        """Coordinate-basis modules grouped by (device, dtypes, r); layouts re-built when any of these change."""
+        keys = tuple((b.target.A.device, b.target.A.dtype, b.target.B.dtype, b.target.A.shape[0])
+                     if b.kind == "coordinate" else None for b in self._bound)
+        if keys != self._group_keys:
+            by_key: dict[tuple, list[int]] = {}
+            for i, key in enumerate(keys):
+                if key is not None:
+                    by_key.setdefault(key, []).append(i)
+            self._group_cache = [
+                (idx, FusedCoordinates([self._bound[i] for i in idx], key[0],
+                                       _compute_dtype(torch.promote_types(key[1], key[2])), self.config.split,
+                                       self.chunk_size))
+                for key, idx in by_key.items()
+            ]
+            self._group_keys = keys
+        return self._group_cache
 
     def _scale(self, step: Optional[int]) -> float:
         if step is None:
@@ -160,15 +196,13 @@ class AGLPenalty:
         return c.lambda_a * sums["L_A"] + c.lambda_t * sums["L_T"] + c.lambda_nc * collision
 
     def _terms(self, bound: BoundModule) -> ModuleTerms:
+        """One K-FAC-basis module's terms (coordinate-basis modules go through the fused groups)."""
         target = bound.target
         dtype = _compute_dtype(torch.promote_types(target.A.dtype, target.B.dtype))
         cache = bound.cached(target.A.device, dtype, self.config.split)
         A, B = target.A.to(dtype), target.B.to(dtype)  # (r, in), (out, r); upcast keeps autograd
         dw_sq = delta_sq_norm(A, B, target.scale)
-        if bound.kind == "coordinate":
-            d = gather_delta(A, B, cache["index"], A.shape[1], target.scale, self.chunk_size)  # (|S|,)
-        else:
-            d = kfac_project(A, B, target.scale, cache.get("U"), cache["V"])  # (k_out or out, k_in)
+        d = kfac_project(A, B, target.scale, cache.get("U"), cache["V"])  # (k_out or out, k_in)
         return module_terms(d, cache["m"], cache["fhat"], dw_sq, self.config)
 
 
@@ -192,28 +226,30 @@ def _warn_mask_settings(config: AGLConfig, mask_config: Any) -> None:
         logger.warning("AGLConfig mask settings differ from the mask's own (%s); the mask's values are used.", shown)
 
 
-def _raise_non_finite(total: torch.Tensor, terms: list[ModuleTerms], bound: list[BoundModule]) -> None:
-    for t, b in zip(terms, bound):
-        values = torch.stack([getattr(t, n).detach().double() for n in TERMS]).cpu()
-        if not bool(torch.isfinite(values).all()):
-            shown = ", ".join(f"{n}={v:.4g}" for n, v in zip(TERMS, values.tolist()))
-            raise FloatingPointError(
-                f"AGL penalty is not finite ({float(total.detach())}): first non-finite module {b.key!r} "
-                f"(adapter {b.target.adapter!r}): {shown}. Its LoRA weights have diverged or overflowed; "
-                "lower the learning rate or the λ's, or train in a wider dtype."
-            )
+def _raise_non_finite(total: torch.Tensor, order: list[int], cols: ModuleTerms, bound: list[BoundModule]) -> None:
+    values = torch.stack([getattr(cols, n).detach().double() for n in TERMS], dim=1).cpu()  # (n_modules, 4)
+    bad = [pos for pos in range(len(order)) if not bool(torch.isfinite(values[pos]).all())]
+    if bad:
+        pos = min(bad, key=lambda p: order[p])  # first in model order
+        b = bound[order[pos]]
+        shown = ", ".join(f"{n}={v:.4g}" for n, v in zip(TERMS, values[pos].tolist()))
+        raise FloatingPointError(
+            f"AGL penalty is not finite ({float(total.detach())}): first non-finite module {b.key!r} "
+            f"(adapter {b.target.adapter!r}): {shown}. Its LoRA weights have diverged or overflowed; "
+            "lower the learning rate or the λ's, or train in a wider dtype."
+        )
     raise FloatingPointError(
         f"AGL penalty is not finite ({float(total.detach())}) although every module's terms are finite: "
         "the λ-weighted sum overflowed; lower lambda_a / lambda_t / lambda_nc."
     )
 
 
-def _per_module(terms: list[ModuleTerms], bound: list[BoundModule]) -> dict[str, dict[str, float]]:
-    device = terms[0].L_A.device
-    table = torch.stack([torch.stack([x.detach().double().to(device) for x in t]) for t in terms])  # (mods, 7)
+def _per_module(order: list[int], cols: ModuleTerms, bound: list[BoundModule]) -> dict[str, dict[str, float]]:
+    table = torch.stack([c.detach().double() for c in cols], dim=1)  # (n_modules, 7)
+    rows = dict(zip(order, table.cpu().tolist()))  # one device sync for the whole table
     out: dict[str, dict[str, float]] = {}
-    for vals, b in zip(table.cpu().tolist(), bound):  # one device sync for the whole table
-        row = dict(zip(ModuleTerms._fields, vals))
+    for i, b in enumerate(bound):  # model order
+        row = dict(zip(ModuleTerms._fields, rows[i]))
         row["protected_share"] = row["on_support"] / row["dw_sq"] if row["dw_sq"] > 0 else 0.0
         row["size"] = float(b.size)
         out[b.key] = row

@@ -1,0 +1,100 @@
+"""The fused coordinate path (one sparse product per device/dtype/rank group) against the dense float64 reference.
+
+Covers what the per-module tests in test_penalty.py do not vary: several chunks of rows and columns, modules
+of different ranks and scales (several groups, per-row scales), modules in different dtypes, empty modules
+inside a group, and the cache's bytes per protected coordinate.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from agl_core.fused import FusedCoordinates
+from reference import coordinate_blocks, lora_factors, reference
+from test_penalty import TERMS, all_shapes, assert_rel, compare, config, empty, grads, make_penalty
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+def model_with(dtype=torch.float64, **kw):
+    return tiny.tiny_lora(tiny.tiny_llama(0), targets=TARGETS, seed=0, **kw).to(dtype)
+
+
+def blocks(model, rho=0.05, budget="global"):
+    return coordinate_blocks(all_shapes(model), rho=rho, budget=budget, seed=2)
+
+
+@pytest.mark.parametrize("chunk", [1, 37, 1000])
+@pytest.mark.parametrize("split,budget", [("soft", "global"), ("hard", "per_module"), ("soft", "per_module")])
+def test_chunked_fused_path_matches_reference(chunk, split, budget):
+    model = model_with()
+    cfg = config(split=split, budget=budget)
+    pen = make_penalty(model, blocks(model, budget=budget), cfg, chunk_size=chunk)
+    res = pen(1, per_module=True)
+    ref = reference(lora_factors(model), blocks(model, budget=budget), cfg, scale=cfg.lambda_scale(1))
+    params = [t for f in lora_factors(model).values() for t in f[:2]]
+    for k in TERMS + ("protected_share", "max_abs_dw_s"):
+        assert_rel(getattr(res, k), ref[k], 1e-10, k)
+    for k in TERMS:
+        for g, gr in zip(grads(getattr(res, k), params), grads(ref[k], params)):
+            assert_rel(g, gr, 1e-10, f"grad {k}")
+    (_, group), = pen._groups()
+    if chunk == 1:  # one row per chunk: many chunks on both sides
+        assert len(group.row_chunks) > 50 and len(group.col_chunks) > 50
+
+
+def test_different_ranks_and_scales_form_groups_and_match_reference():
+    model = model_with(rank_pattern={"q_proj": 2, "down_proj": 6}, alpha_pattern={"v_proj": 3, "up_proj": 13},
+                       use_rslora=True)
+    pen = make_penalty(model, blocks(model), config())
+    ranks = sorted(len(idx) for idx, _ in pen._groups())
+    assert ranks == [2, 2, 6]  # r=2 (q), r=4 (k, v, up), r=6 (down), two layers each
+    scales = {s for _, _, s in lora_factors(model).values()}
+    assert len(scales) >= 3
+    compare(model, blocks(model), config())
+
+
+def test_modules_in_different_dtypes_use_separate_groups():
+    model = model_with()
+    for name, module in model.named_modules():
+        if name.endswith("mlp.up_proj") or name.endswith("self_attn.k_proj"):
+            module.float()  # these LoRA factors in float32, the rest float64
+    pen = make_penalty(model, blocks(model), config())
+    assert len(pen._groups()) == 2
+    res = pen(per_module=True)
+    ref = reference(lora_factors(model, leaves=True), blocks(model), config())
+    for k in TERMS:
+        assert_rel(getattr(res, k), ref[k], 1e-5, k)
+
+
+def test_empty_modules_inside_a_group():
+    model = model_with()
+    bl = blocks(model)
+    names = [n for n in bl if n.endswith(TARGETS)]
+    for n in names[::3]:
+        bl[n] = empty(bl[n].shape)
+    res, ref = compare(model, bl, config())
+    for n in names[::3]:
+        assert res.per_module[n]["L_A"] == 0.0 and res.per_module[n]["E_rie"] == 0.0
+
+
+def test_all_modules_empty_gives_only_the_task_term():
+    model = model_with()
+    bl = {n: empty(s) for n, s in all_shapes(model).items()}
+    res, _ = compare(model, bl, config(lambda_t=0.3))
+    assert float(res.L_A.detach()) == 0.0 and float(res.L_T.detach()) > 0
+
+
+def test_cache_is_sixteen_bytes_per_coordinate_and_layout_is_consistent():
+    model = model_with(torch.float32)
+    pen = make_penalty(model, blocks(model), config(), chunk_size=50)
+    (_, group), = pen._groups()
+    assert isinstance(group, FusedCoordinates) and group.size == pen.num_protected
+    assert group.nbytes() == 16 * group.size
+    assert group.cols.dtype == torch.int32 and group.perm.dtype == torch.int32
+    covered = sorted((c.s0, c.s1) for c in group.row_chunks)
+    assert covered[0][0] == 0 and covered[-1][1] == group.size
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # row chunks tile the coordinates
+    assert sum(c.t1 - c.t0 for c in group.col_chunks) == group.size
