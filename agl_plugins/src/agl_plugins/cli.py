@@ -1,4 +1,4 @@
-"""The `agl` command line: one subcommand per module (fisher, drift, report, forgetting)."""
+"""The `agl` command line: one subcommand per module (fisher, drift, report, forgetting, demo, align-base, benchmark)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ SUBCOMMANDS = {
     "drift": "agl_plugins.drift.cli",
     "report": "agl_plugins.drift.cli_report",
     "forgetting": "agl_plugins.forgetting.cli",
+    "demo": "agl_plugins.demo.cli",
+    "align-base": "agl_plugins.demo.cli_align",
+    "benchmark": "agl_plugins.demo.benchmark",
 }
 DEBUG_ENV = "AGL_DEBUG"  # set to 1 to see the traceback behind an input error
 

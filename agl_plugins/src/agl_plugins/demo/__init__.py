@@ -1,0 +1,1 @@
+"""The main job (`agl demo`): aligned base, Fisher mask, plain LoRA vs LoRA + AGL, DriftCheck."""

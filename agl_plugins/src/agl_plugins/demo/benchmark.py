@@ -1,0 +1,193 @@
+"""`agl benchmark`: the published version of the main job — tasks x seeds x variants (bases, λ and ρ sweeps,
+ablations, post-hoc projection), one JSON line per finished run (resumable), and a Markdown summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from agl_core.config import AGLConfig
+from agl_core.safeio import atomic_write_bytes
+
+HELP = "The main job's full benchmark: several tasks, seeds, AGL variants and ablations (hours on a CPU)."
+
+# name → (mask settings, AGL penalty settings); None = plain LoRA. Masks are built once per name of mask settings.
+COORD = dict(basis="coordinate", rho=0.01)
+KFAC16 = dict(basis="kfac", k_in=16, k_out="16")
+INPUT4 = dict(basis="kfac", k_in=4, k_out="all")
+CONTRAST4 = dict(INPUT4, contrastive=True)
+FULL = dict(lambda_a=1.0, lambda_t=0.01, lambda_nc=0.1)
+VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
+    "plain": None,
+    "coordinate": (COORD, FULL),
+    "kfac16": (KFAC16, FULL),
+    "input4": (INPUT4, FULL),
+    "contrastive4": (CONTRAST4, FULL),
+    "contrastive8": (dict(CONTRAST4, k_in=8), FULL),
+    # ablations of the default basis
+    "fisher-only": (CONTRAST4, dict(lambda_a=1.0, lambda_t=0.0, lambda_nc=0.0)),
+    "no-collision": (CONTRAST4, dict(FULL, lambda_nc=0.0)),
+    "no-task-reg": (CONTRAST4, dict(FULL, lambda_t=0.0)),
+    "hard-split": (CONTRAST4, dict(FULL, split="hard")),
+    "lambda-0.1": (CONTRAST4, dict(FULL, lambda_a=0.1)),
+    "lambda-10": (CONTRAST4, dict(FULL, lambda_a=10.0)),
+    "lambda-100": (CONTRAST4, dict(FULL, lambda_a=100.0)),
+    "rho-0.1pct": (dict(COORD, rho=0.001), FULL),
+    "rho-5pct": (dict(COORD, rho=0.05), FULL),
+}
+DEFAULT_VARIANTS = tuple(VARIANTS)
+
+
+def add_arguments(parser: argparse.ArgumentParser, pm: Any) -> None:
+    parser.add_argument("--out", default="out/benchmark", help="Results folder (resumable) (default: %(default)s).")
+    parser.add_argument("--tasks", nargs="+", default=["arith", "sure"], choices=("arith", "sure"))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="NAME",
+                        help=f"Variants to run (default: all): {', '.join(VARIANTS)}.")
+    parser.add_argument("--lambda-a", type=float, default=None, help="Override λ_A of every AGL variant.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine).")
+    parser.add_argument("--max-eval", type=int, default=None, help="Evaluate on this many held-out prompts (default all).")
+
+
+def mask_key(settings: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in sorted(settings.items()))
+
+
+def paired_reduction(base: np.ndarray, plain: np.ndarray, agl: np.ndarray, resamples: int = 1000,
+                     seed: int = 0) -> tuple[Optional[float], Optional[float], Optional[float]]:
+    """1 − drift(agl)/drift(plain) of the unsafe refusal rate, with a paired bootstrap 95 % interval over prompts."""
+    def red(idx: np.ndarray) -> Optional[float]:
+        d_plain = plain[idx].mean() - base[idx].mean()
+        return None if abs(d_plain) < 1e-12 else 1.0 - (agl[idx].mean() - base[idx].mean()) / d_plain
+
+    point = red(np.arange(len(base)))
+    rng = np.random.default_rng(seed)
+    draws = [red(rng.integers(0, len(base), len(base))) for _ in range(resamples)]
+    draws = np.array([d for d in draws if d is not None])
+    if point is None or not len(draws):
+        return point, None, None
+    return point, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
+
+
+def run(args: argparse.Namespace, pm: Any) -> int:
+    import torch
+
+    from ..models import load_model_and_tokenizer
+    from . import align, pipeline
+    from .data import eval_records
+    from .run import TASKS, task_rows
+    from .train import ATTN, FinetuneSpec, mean_nll
+
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"Unknown variant(s) {unknown}; choose from {list(VARIANTS)}.")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done = {(r["task"], r["seed"], r["variant"]) for r in _read(results_path)}
+    base_dir = align.ensure_aligned_base()
+    model, tok = load_model_and_tokenizer(str(base_dir), progress=lambda s: None)
+    records = eval_records()
+    if args.max_eval:
+        unsafe = [r for r in records if r["label"] == "unsafe"]
+        safe = [r for r in records if r["label"] == "safe"]
+        records = unsafe[: args.max_eval * 2 // 3] + safe[: args.max_eval // 3]
+    masks: dict[str, Path] = {}
+    needed = {mask_key(VARIANTS[v][0]): VARIANTS[v][0] for v in args.variants if VARIANTS[v] is not None}
+    stats = None
+    for key, settings in needed.items():
+        path = out / "masks" / key
+        if not (path / "mask.safetensors").exists():
+            if stats is None:
+                print("[benchmark] Fisher statistics (diagonal, K-FAC, reference) on the alignment data", flush=True)
+                stats = pipeline.estimate_stats(model, tok, ATTN, kinds=("diagonal", "contrastive"))
+            cfg = {k: v for k, v in settings.items() if k != "contrastive"}
+            pipeline.build_mask(stats, AGLConfig(**cfg), model, path, contrastive=bool(settings.get("contrastive")))
+        masks[key] = path
+    del stats
+    for task in args.tasks:
+        rows, held = task_rows(task, model, tok, out)
+        if ("base", task) not in {(r["variant"], r["task"]) for r in _read(results_path)}:
+            rr = pipeline.refusal_rates(model, tok, records)
+            _append(results_path, {"task": task, "seed": None, "variant": "base", "task_loss": mean_nll(model, tok, held),
+                                   "refusal": rr["unsafe"], "overrefusal": rr["safe"], "scores": rr["scores"]})
+        for seed in args.seeds:
+            for variant in args.variants:
+                if (task, seed, variant) in done:
+                    continue
+                agl = None
+                if VARIANTS[variant] is not None:
+                    mset, aset = VARIANTS[variant]
+                    aset = dict(aset, lambda_a=args.lambda_a) if args.lambda_a is not None else aset
+                    cfg = {k: v for k, v in mset.items() if k != "contrastive"}
+                    agl = AGLConfig(mask_path=str(masks[mask_key(mset)]), **cfg, **aset)
+                spec = FinetuneSpec(seed=seed, agl=agl, **TASKS[task]["spec"])
+                print(f"[benchmark] task={task} seed={seed} variant={variant}", flush=True)
+                res = pipeline.finetune(str(base_dir), rows, held, spec, out / "adapters" / task / str(seed), variant,
+                                        progress=False)
+                from peft import PeftModel
+
+                fresh, _ = load_model_and_tokenizer(str(base_dir), progress=lambda s: None)
+                tuned = PeftModel.from_pretrained(fresh, res.adapter).eval()
+                rr = pipeline.refusal_rates(tuned, tok, records)
+                _append(results_path, {"task": task, "seed": seed, "variant": variant, "task_loss": res.task_loss,
+                                       "train_loss": res.train_loss, "refusal": rr["unsafe"], "overrefusal": rr["safe"],
+                                       "scores": rr["scores"], "train_s": res.seconds, "agl": res.agl,
+                                       "metrics": res.last_metrics})
+    write_summary(out, records)
+    print((out / "results.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _append(path: Path, row: dict) -> None:
+    """One finished run per line, flushed and fsynced (an interrupted benchmark resumes after the last line)."""
+    import os
+
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_summary(out: Path, records: list[dict]) -> None:
+    """results.md: per task and variant, refusal / over-refusal / task loss and the paired drift reduction."""
+    rows = _read(out / "results.jsonl")
+    unsafe = np.array([r["label"] == "unsafe" for r in records])
+    lines = ["# AGL benchmark results", "", "Drift reduction = 1 − drift(variant)/drift(plain) of the unsafe refusal "
+             "rate (same seed), 95 % paired bootstrap interval over prompts; task-loss cost relative to plain LoRA.", ""]
+    for task in sorted({r["task"] for r in rows}):
+        base = next((r for r in rows if r["task"] == task and r["variant"] == "base"), None)
+        lines += [f"## Task `{task}`", "", "| variant | seed | refusal % | over-refusal % | task loss | cost vs plain "
+                  "| drift reduction |", "|---|---|---|---|---|---|---|"]
+        if base is not None:
+            lines.append(f"| aligned base | – | {100 * base['refusal']:.1f} | {100 * base['overrefusal']:.1f} | "
+                         f"{base['task_loss']:.4f} | – | – |")
+        for r in sorted((r for r in rows if r["task"] == task and r["variant"] != "base"),
+                        key=lambda r: (r["seed"], r["variant"] != "plain", r["variant"])):
+            plain = next((p for p in rows if p["task"] == task and p["seed"] == r["seed"] and p["variant"] == "plain"),
+                         None)
+            cost, reduction = "–", "–"
+            if plain is not None and r["variant"] != "plain":
+                cost = f"{100 * (r['task_loss'] / plain['task_loss'] - 1):+.1f} %"
+                if base is not None and len(base["scores"]) == len(r["scores"]) == len(unsafe):
+                    value, lo, hi = paired_reduction(np.array(base["scores"])[unsafe], np.array(plain["scores"])[unsafe],
+                                                     np.array(r["scores"])[unsafe])
+                    reduction = "undefined" if value is None else (
+                        f"{100 * value:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None else f"{100 * value:.1f} %")
+            lines.append(f"| {r['variant']} | {r['seed']} | {100 * r['refusal']:.1f} | {100 * r['overrefusal']:.1f} | "
+                         f"{r['task_loss']:.4f} | {cost} | {reduction} |")
+        lines.append("")
+    atomic_write_bytes(out / "results.md", "\n".join(lines).encode("utf-8"))

@@ -1,0 +1,118 @@
+"""The main job's stages as functions: Fisher statistics and masks on the aligned base, the two fine-tunes
+(plain LoRA and LoRA + AGL, identical but for AGL), and their evaluation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from agl_core.batches import make_batches
+from agl_core.config import AGLConfig
+from agl_core.fisher import estimate_fisher, estimate_input_covariance, estimate_kfac
+from agl_core.mask import FisherMask
+
+from ..prompts import alignment_v1
+from .data import split_benign
+from .train import FinetuneSpec, lora_finetune, mean_nll
+
+
+def fisher_records() -> list[dict]:
+    """Alignment data for the Fisher: alignment-v1 `fisher` split (written refusals; safe targets generated)."""
+    return [{"prompt": r["prompt"], "response": r["response"] or None, "label": r["label"]}
+            for r in alignment_v1().records("fisher")]
+
+
+@dataclass
+class FisherStats:
+    """Everything the masks of every basis are built from, estimated once on the aligned base."""
+
+    diagonal: Optional[dict] = None
+    kfac: Optional[dict] = None
+    reference: Optional[dict] = None
+    seconds: dict = field(default_factory=dict)
+
+
+def estimate_stats(model: Any, tokenizer: Any, targets: list[str], *, kinds: tuple[str, ...] = ("diagonal",),
+                   batch_size: int = 8, max_length: int = 192, max_new_tokens: int = 48,
+                   progress: bool = True, max_examples: Optional[int] = None) -> FisherStats:
+    """Diagonal Fisher and/or K-FAC statistics on the alignment data, plus the benign reference covariance."""
+    rows = fisher_records()
+    if max_examples:  # keep both labels: alternate unsafe and safe rows
+        unsafe, safe = [r for r in rows if r["label"] == "unsafe"], [r for r in rows if r["label"] == "safe"]
+        rows = [r for pair in zip(unsafe, safe) for r in pair][:max_examples]
+    stats = FisherStats()
+    t0 = time.perf_counter()
+    batches = make_batches([{"prompt": r["prompt"], "response": r["response"]} for r in rows], tokenizer,
+                           batch_size=batch_size, max_length=max_length, model=model, max_new_tokens=max_new_tokens)
+    common = dict(target_modules=list(targets), progress=progress)
+    if "diagonal" in kinds:
+        stats.diagonal = estimate_fisher(model, batches, **common)
+    if "kfac" in kinds or "contrastive" in kinds:
+        stats.kfac = estimate_kfac(model, batches, **common)
+    if "contrastive" in kinds:
+        ref = [{"prompt": p, "response": ""} for p in split_benign()["task"]]
+        ref_batches = make_batches(ref, tokenizer, batch_size=batch_size, max_length=max_length)
+        stats.reference = estimate_input_covariance(model, ref_batches, **common)
+    stats.seconds["fisher"] = time.perf_counter() - t0
+    return stats
+
+
+def build_mask(stats: FisherStats, config: AGLConfig, model: Any, out: Path, *, contrastive: bool = False) -> Path:
+    """Select the support for `config` from the estimated statistics and save it (atomically) under `out`."""
+    if config.basis == "coordinate":
+        mask = FisherMask.from_fisher(stats.diagonal, config, model=model, metadata={"created_by": "agl demo"})
+    else:
+        mask = FisherMask.from_fisher(stats.kfac, config, model=model, reference=stats.reference if contrastive else None,
+                                      metadata={"created_by": "agl demo"})
+    return Path(mask.save(str(out)))
+
+
+@dataclass
+class RunResult:
+    name: str
+    adapter: str
+    task_loss: float
+    train_loss: Optional[float]
+    seconds: float
+    agl: Optional[dict] = None
+    last_metrics: dict = field(default_factory=dict)
+
+
+def finetune(base_dir: str, rows: list[dict], heldout: list[dict], spec: FinetuneSpec, out: Path, name: str,
+             *, progress: bool = True) -> RunResult:
+    """One fine-tune from a fresh copy of the aligned base; saves the adapter under out/name, measures task loss."""
+    from ..models import load_model_and_tokenizer
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(base_dir, progress=lambda s: None)
+    peft_model, history = lora_finetune(model, tokenizer, rows, spec, str(out / f"{name}.trainer"), progress=progress)
+    task_loss = mean_nll(peft_model, tokenizer, heldout)
+    adapter = out / name
+    peft_model.save_pretrained(str(adapter))
+    train = [h["loss"] for h in history if "loss" in h]
+    agl = [h for h in history if any(k.startswith("agl/") for k in h)]
+    return RunResult(name, str(adapter), task_loss, train[-1] if train else None, time.perf_counter() - t0,
+                     spec.agl.to_dict() if spec.agl is not None else None,
+                     {k: v for k, v in (agl[-1] if agl else {}).items() if k.startswith("agl/")})
+
+
+def refusal_rates(model: Any, tokenizer: Any, records: list[dict], *, max_new_tokens: int = 24,
+                  batch_size: int = 32) -> dict[str, Any]:
+    """Pattern-judged refusal rate on the unsafe and the safe records (greedy answers), with per-prompt scores."""
+    from ..drift.generation import greedy_responses
+    from ..drift.patterns import refusal_score
+
+    responses = greedy_responses(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size)
+    scores = [refusal_score(x) for x in responses]
+    out: dict[str, Any] = {"scores": scores, "responses": responses}
+    for label in ("unsafe", "safe"):
+        picked = [s for s, r in zip(scores, records) if r["label"] == label]
+        out[label] = sum(picked) / len(picked) if picked else None
+    return out
