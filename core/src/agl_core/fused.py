@@ -25,14 +25,13 @@ from torch.autograd.function import once_differentiable
 
 DEFAULT_CHUNK = 1 << 20  # coordinates per chunk of the fused path
 
-# Columns of the per-module sums P (n_modules, 6), each Σ_S coef_j · ΔW_j²:
-#   0 F̂ m² (L_A) · 1 η m(1−m)/|S| (E_rie) · 2 (2m − m²) (‖ΔW‖² − ‖ΔW_T‖²) · 3 m(1−m) (⟨ΔW_A, ΔW_T⟩)
-#   4 m² (‖ΔW_A‖²) · 5 1 (energy on S)
-N_SUMS = 6
-
-
+# Outputs of the fused function, sums over S of a coefficient times ΔW_j²:
+#   per module (n, 2):  Σ m d² and Σ m(1−m) d²  (‖ΔW_A‖² = Σm d² − Σm(1−m) d², ‖ΔW‖² − ‖ΔW_T‖² = Σm d² + Σm(1−m) d²)
+#   global (3,):        Σ F̂ m² d² (L_A), Σ η m(1−m) d² / |S_k| (E_rie), Σ d² (energy on S)
+#   detail (n, 3):      the global three per module, only when asked for (diagnostics, not differentiable)
 class GroupTerms(NamedTuple):
-    """Per-module terms of one group, each (n_modules,), in the group's member order."""
+    """One group's terms: L_A, E_rie, on_support summed over the group (0-dim); the rest per module (n,),
+    in member order. `detail` is None, or (n, 3) per-module [L_A, E_rie, on_support] (detached)."""
 
     L_A: torch.Tensor
     L_T: torch.Tensor
@@ -41,6 +40,7 @@ class GroupTerms(NamedTuple):
     on_support: torch.Tensor
     dw_sq: torch.Tensor
     max_abs_dw_s: torch.Tensor
+    detail: Any
 
 
 class _RowChunk(NamedTuple):
@@ -70,19 +70,24 @@ def _csr(pointers: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, sh
 def _coefficients(layout: "FusedCoordinates", ch: _RowChunk, dtype: torch.dtype):
     """(module id (c,), F̂ (c,), m (c,), 1/max(|S_k|, 1) (c,)) of the chunk's coordinates."""
     seg = torch.repeat_interleave(ch.modules, ch.counts, output_size=ch.s1 - ch.s0)  # (c,)
-    k = layout.consts.index_select(0, seg)  # (c, 3): 1/norm, κ, 1/max(|S|, 1)
     f = layout.fisher[ch.s0:ch.s1].to(dtype)
-    m = torch.ones_like(f) if layout.hard else f / (f + k[:, 1])
-    return seg, f * k[:, 0], m, k[:, 2]
+    m = torch.ones_like(f) if layout.hard else f / (f + layout.kappa.index_select(0, seg))
+    return seg, f * layout.inv_norm.index_select(0, seg), m, layout.inv_size.index_select(0, seg)
+
+
+def _segment_add(out: torch.Tensor, seg: torch.Tensor, values: torch.Tensor) -> None:
+    out.index_add_(0, seg, values.to(out.dtype))  # float64 accumulator: index_add_ adds in sequence
 
 
 class _FusedSums(torch.autograd.Function):
-    """(P (n, 6), max_S |ΔW| (n,)) of every module of a group from B_cat and At_cat."""
+    """(per (n, 2), glob (3,), detail (n, 3), max_S |ΔW| (n,)) of a group from B_cat and At_cat (see above)."""
 
     @staticmethod
-    def forward(ctx, B, At, layout, beta, tau):
-        n = layout.consts.shape[0]
-        sums = torch.zeros(n, N_SUMS, dtype=torch.float64, device=B.device)  # float64: index_add_ is sequential
+    def forward(ctx, B, At, layout, beta, tau, detail):
+        n, f64 = layout.n_modules, torch.float64
+        per = torch.zeros(n, 2, dtype=f64, device=B.device)
+        glob = torch.zeros(3, dtype=f64, device=B.device)
+        more = torch.zeros(n, 3, dtype=f64, device=B.device) if detail else torch.zeros(0, 3, dtype=f64, device=B.device)
         amax = torch.zeros(n, dtype=B.dtype, device=B.device)  # (n,)
         d_all = torch.empty(layout.size, dtype=B.dtype, device=B.device)  # (|S|,)
         zeros = torch.zeros(layout.max_chunk, dtype=B.dtype, device=B.device)
@@ -91,34 +96,43 @@ class _FusedSums(torch.autograd.Function):
             d = torch.sparse.sampled_addmm(pattern, B[ch.r0:ch.r1], At.t(), beta=0.0).values()  # (c,)
             d_all[ch.s0:ch.s1] = d
             seg, fhat, m, inv_size = _coefficients(layout, ch, B.dtype)
-            m2, mm = m * m, m * (1 - m)
-            eta = 1 + beta * torch.sigmoid(d.abs() - tau)
-            coef = torch.stack([fhat * m2, eta * mm * inv_size, 2 * m - m2, mm, m2, torch.ones_like(m2)], dim=1)
-            sums.index_add_(0, seg, (coef * (d * d).unsqueeze(1)).double())  # (c, 6) into (n, 6)
+            d2 = d * d
+            md2 = m * d2  # m d²
+            mmd2 = md2 - m * md2  # m(1−m) d²
+            _segment_add(per[:, 0], seg, md2)
+            _segment_add(per[:, 1], seg, mmd2)
+            l_a = fhat * m * md2
+            e_rie = (1 + beta * torch.sigmoid(d.abs() - tau)) * inv_size * mmd2
+            glob += torch.stack([l_a.sum(dtype=f64), e_rie.sum(dtype=f64), d2.sum(dtype=f64)])
+            if detail:
+                for col, values in enumerate((l_a, e_rie, d2)):
+                    _segment_add(more[:, col], seg, values)
             amax.scatter_reduce_(0, seg, d.abs(), "amax")
         ctx.save_for_backward(B, At, d_all)
         ctx.layout, ctx.beta, ctx.tau = layout, beta, tau
-        ctx.mark_non_differentiable(amax)
-        return sums.to(B.dtype), amax
+        more, amax = more.to(B.dtype), amax
+        ctx.mark_non_differentiable(more, amax)
+        return per.to(B.dtype), glob.to(B.dtype), more, amax
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_sums, _grad_amax):  # grad_sums (n, 6)
+    def backward(ctx, grad_per, grad_glob, _grad_more, _grad_amax):  # (n, 2), (3,)
         B, At, d_all = ctx.saved_tensors
         layout, beta, tau = ctx.layout, ctx.beta, ctx.tau
         need_b, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_b = torch.zeros_like(B, memory_format=torch.contiguous_format) if need_b else None
         gd_all = torch.empty_like(d_all)  # ∂total/∂ΔW_S (|S|,)
+        g_m, g_mm = grad_per[:, 0].contiguous(), grad_per[:, 1].contiguous()
+        g_la, g_rie, g_on = (float(v) for v in grad_glob.double().cpu())  # one sync per backward
         for ch in layout.row_chunks:
             d = d_all[ch.s0:ch.s1]
             seg, fhat, m, inv_size = _coefficients(layout, ch, B.dtype)
-            g = grad_sums.index_select(0, seg)  # (c, 6)
-            m2, mm = m * m, m * (1 - m)
-            linear = g[:, 0] * fhat * m2 + g[:, 2] * (2 * m - m2) + g[:, 3] * mm + g[:, 4] * m2 + g[:, 5]
+            mm = m - m * m
+            # ∂/∂d of Σ c d² is 2 c d; of Σ η(d) c d²: c (2 η d + β σ'(|d| − τ) sign(d) d²)
+            linear = g_la * fhat * m * m + g_on + g_m.index_select(0, seg) * m + g_mm.index_select(0, seg) * mm
             sig = torch.sigmoid(d.abs() - tau)
-            # d/dd [η(d) d²] = 2 η d + β σ'(|d| − τ) sign(d) d²
             gate = 2 * (1 + beta * sig) * d + beta * sig * (1 - sig) * torch.sign(d) * d * d
-            gd = 2 * d * linear + g[:, 1] * mm * inv_size * gate  # (c,)
+            gd = 2 * d * linear + (g_rie * inv_size * mm) * gate  # (c,)
             gd_all[ch.s0:ch.s1] = gd
             if need_b:  # rows of B_cat: G[r0:r1] @ At_cat
                 G = _csr(ch.crow, layout.cols[ch.s0:ch.s1], gd, (ch.r1 - ch.r0, At.shape[0]))
@@ -130,7 +144,7 @@ class _FusedSums(torch.autograd.Function):
                 values = gd_all.index_select(0, layout.perm[ch.t0:ch.t1])
                 G = _csr(ch.ccol, layout.rows_by_col[ch.t0:ch.t1], values, (ch.c1 - ch.c0, B.shape[0]))
                 grad_at[ch.c0:ch.c1] = G @ B
-        return grad_b, grad_at, None, None, None
+        return grad_b, grad_at, None, None, None, None
 
 
 class FusedCoordinates:
@@ -164,9 +178,11 @@ class FusedCoordinates:
         self.rows_by_col = rows[self.perm].to(device, index_dtype)
         self.perm = self.perm.to(device, index_dtype)
         self.fisher = torch.cat([self.members[i].block.fisher.detach().cpu().float() for i in self.b_order]).to(device)
-        consts = [(1.0 / float(b.norm), float(b.kappa), 1.0 / max(b.size, 1))
-                  for b in (self.members[i].block for i in self.b_order)]
-        self.consts = torch.tensor(consts, dtype=torch.float64).reshape(-1, 3).to(device, dtype)  # (n, 3) B-order
+        blocks = [self.members[i].block for i in self.b_order]
+        self.n_modules = len(blocks)
+        self.inv_norm, self.kappa, self.inv_size = (  # (n,) each, B-order
+            torch.tensor(v, dtype=torch.float64).to(device, dtype)
+            for v in zip(*[(1.0 / float(b.norm), float(b.kappa), 1.0 / max(b.size, 1)) for b in blocks]))
         scales = [float(self.members[i].target.scale) for i in self.b_order]
         self.scale: Any = scales[0] if len(set(scales)) == 1 else torch.tensor(
             [s for s, i in zip(scales, self.b_order) for _ in range(shapes[i][0])], dtype=torch.float64
@@ -207,7 +223,7 @@ class FusedCoordinates:
         """Bytes of the per-coordinate cache (column, Fisher, column-order permutation and row)."""
         return sum(t.numel() * t.element_size() for t in (self.cols, self.fisher, self.perm, self.rows_by_col))
 
-    def __call__(self, beta: float, tau: float, eps: float) -> GroupTerms:
+    def __call__(self, beta: float, tau: float, eps: float, detail: bool = False) -> GroupTerms:
         targets = [m.target for m in self.members]
         B = torch.cat([targets[i].B for i in self.b_order], 0).to(self.dtype)  # (ΣN_out, r)
         B = B * self.scale
@@ -215,12 +231,16 @@ class FusedCoordinates:
         gram_b = _grams(B, self.b_classes)  # (n, r, r) B-order
         gram_a = _grams(At, self.a_classes).index_select(0, self.a_to_b)  # (n, r, r) B-order
         dw_sq = (gram_b * gram_a).sum(dim=(1, 2))  # (n,) ‖s B A‖²_F
-        sums, amax = _FusedSums.apply(B, At, self, float(beta), float(tau))
-        l_t = (dw_sq - sums[:, 2]).clamp(min=0)  # ‖ΔW_T‖², orthonormal-basis identity
-        inner, a_sq = sums[:, 3], sums[:, 4]
-        e_geo = inner * inner / (a_sq * l_t + eps)
-        out = (sums[:, 0], l_t, sums[:, 1], e_geo, sums[:, 5].detach(), dw_sq.detach(), amax)
-        return GroupTerms(*(t.index_select(0, self.member_to_b) for t in out))
+        per, glob, more, amax = _FusedSums.apply(B, At, self, float(beta), float(tau), bool(detail))
+        s_m, s_mm = per[:, 0], per[:, 1]  # Σ m d², Σ m(1−m) d²
+        l_t = (dw_sq - (s_m + s_mm)).clamp(min=0)  # ‖ΔW_T‖² = ‖ΔW‖² − Σ (2m − m²) d²
+        a_sq = s_m - s_mm  # ‖ΔW_A‖² = Σ m² d²
+        e_geo = s_mm * s_mm / (a_sq * l_t + eps)
+        back = self.member_to_b
+        vectors = (t.index_select(0, back) for t in (l_t, e_geo, dw_sq.detach(), amax))
+        l_t, e_geo, dw_sq, amax = vectors
+        return GroupTerms(glob[0], l_t, glob[1], e_geo, glob[2].detach(), dw_sq, amax,
+                          more.index_select(0, back) if detail else None)
 
 
 def _pointers(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -133,37 +133,51 @@ class AGLPenalty:
     def __call__(self, step: Optional[int] = None, per_module: bool = False) -> PenaltyResult:
         scale = self._scale(step)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.enabled):
-            order, cols = self._evaluate()  # each field (n_modules,), modules in `order`
-        sums = {n: getattr(cols, n).sum() for n in TERMS}
+            sums, table = self._evaluate(per_module)  # 0-dim sums of every ModuleTerms field
         if self.config.enabled:
             total = scale * self._weighted(sums)
             if not bool(torch.isfinite(total)):
-                _raise_non_finite(total, order, cols, self._bound)
+                with torch.no_grad():
+                    _raise_non_finite(total, self._evaluate(True)[1], self._bound)
         else:
             total = torch.zeros((), dtype=sums["L_A"].dtype, device=sums["L_A"].device)
-        on_s, dw_sq = cols.on_support.sum(), cols.dw_sq.sum()
+        on_s, dw_sq = sums["on_support"], sums["dw_sq"]
         share = torch.where(dw_sq > 0, on_s / torch.where(dw_sq > 0, dw_sq, torch.ones_like(dw_sq)), 0.0)
-        max_abs = cols.max_abs_dw_s.amax()
-        detail = _per_module(order, cols, self._bound) if per_module else None
+        detail = _per_module(table, self._bound) if per_module else None
         return PenaltyResult(total, sums["L_A"], sums["L_T"], sums["E_rie"], sums["E_geo"], scale,
-                             share, max_abs, detail)
+                             share, sums["max_abs_dw_s"], detail)
 
-    def _evaluate(self) -> tuple[list[int], ModuleTerms]:
-        """Every module's terms as (n_modules,) vectors: fused coordinate groups first, then K-FAC modules."""
-        c = self.config
+    def _evaluate(self, detail: bool) -> tuple[dict[str, torch.Tensor], Optional[tuple[list[int], torch.Tensor]]]:
+        """Sums over modules of every ModuleTerms field (max for max_abs_dw_s); with `detail`, also the
+        (bound indices, (n, 7) detached table) of per-module values. Fused coordinate groups, then K-FAC."""
+        c, fields = self.config, ModuleTerms._fields
+        parts: list[list[torch.Tensor]] = []  # per part: one 0-dim tensor per field
         order: list[int] = []
-        parts: list[tuple] = []
+        tables: list[torch.Tensor] = []
         for members, group in self._groups():
-            parts.append(tuple(group(c.beta, c.tau, c.eps)))
-            order += members
+            g = group(c.beta, c.tau, c.eps, detail)
+            parts.append([g.L_A, g.L_T.sum(), g.E_rie, g.E_geo.sum(), g.on_support, g.dw_sq.sum(),
+                          g.max_abs_dw_s.amax()])
+            if detail:
+                order += members
+                tables.append(torch.stack([g.detail[:, 0], g.L_T.detach(), g.detail[:, 1], g.E_geo.detach(),
+                                           g.detail[:, 2], g.dw_sq, g.max_abs_dw_s], dim=1))
         kfac = [i for i, b in enumerate(self._bound) if b.kind != "coordinate"]
         if kfac:
             terms = [self._terms(self._bound[i]) for i in kfac]
             device = terms[0].L_A.device
-            parts.append(tuple(torch.stack([t[f].to(device) for t in terms]) for f in range(len(ModuleTerms._fields))))
-            order += kfac
+            cols = [torch.stack([t[f].to(device) for t in terms]) for f in range(len(fields))]
+            parts.append([col.amax() if f == "max_abs_dw_s" else col.sum() for f, col in zip(fields, cols)])
+            if detail:
+                order += kfac
+                tables.append(torch.stack([col.detach() for col in cols], dim=1))
         device = parts[0][0].device
-        return order, ModuleTerms(*(torch.cat([p[f].to(device) for p in parts]) for f in range(len(parts[0]))))
+        sums = {}
+        for k, f in enumerate(fields):
+            values = torch.stack([p[k].to(device) for p in parts])
+            sums[f] = values.amax() if f == "max_abs_dw_s" else values.sum()
+        table = (order, torch.cat([t.double().to(device) for t in tables])) if detail else None
+        return sums, table
 
     def _groups(self) -> list[tuple[list[int], FusedCoordinates]]:
         """Coordinate-basis modules grouped by (device, dtypes, r); layouts re-built when any of these change."""
@@ -226,8 +240,9 @@ def _warn_mask_settings(config: AGLConfig, mask_config: Any) -> None:
         logger.warning("AGLConfig mask settings differ from the mask's own (%s); the mask's values are used.", shown)
 
 
-def _raise_non_finite(total: torch.Tensor, order: list[int], cols: ModuleTerms, bound: list[BoundModule]) -> None:
-    values = torch.stack([getattr(cols, n).detach().double() for n in TERMS], dim=1).cpu()  # (n_modules, 4)
+def _raise_non_finite(total: torch.Tensor, table: Any, bound: list[BoundModule]) -> None:
+    order, values = table
+    values = values[:, :len(TERMS)].cpu()  # (n_modules, 4): L_A, L_T, E_rie, E_geo
     bad = [pos for pos in range(len(order)) if not bool(torch.isfinite(values[pos]).all())]
     if bad:
         pos = min(bad, key=lambda p: order[p])  # first in model order
@@ -244,9 +259,9 @@ def _raise_non_finite(total: torch.Tensor, order: list[int], cols: ModuleTerms, 
     )
 
 
-def _per_module(order: list[int], cols: ModuleTerms, bound: list[BoundModule]) -> dict[str, dict[str, float]]:
-    table = torch.stack([c.detach().double() for c in cols], dim=1)  # (n_modules, 7)
-    rows = dict(zip(order, table.cpu().tolist()))  # one device sync for the whole table
+def _per_module(table: Any, bound: list[BoundModule]) -> dict[str, dict[str, float]]:
+    order, values = table  # (n_modules, 7) float64
+    rows = dict(zip(order, values.cpu().tolist()))  # one device sync for the whole table
     out: dict[str, dict[str, float]] = {}
     for i, b in enumerate(bound):  # model order
         row = dict(zip(ModuleTerms._fields, rows[i]))
