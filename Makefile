@@ -19,7 +19,7 @@ export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo benchmark clean bench
 
 setup: $(STAMP) $(AXO_STAMP)
 
@@ -50,7 +50,15 @@ test: setup
 	$(AXO_BIN)/python -m pytest -q $(AXO_TESTS) tests/plugins/trl tests/e2e/test_agl_trl_cli.py
 
 demo: setup
-	$(BIN)/agl fisher --model smollm2-135m-instruct --data builtin:alignment-v1 --out out/mask --max-examples 128
+	$(BIN)/agl demo --out out/demo
+
+# The published version of the main job (hours on a CPU; resumable): tasks x 3 seeds x variants and ablations.
+benchmark: setup
+	$(BIN)/agl benchmark --out out/benchmark
+
+# Benchmarks of issue #8 (docs/performance.md): --quick sizes on a CPU, full sizes on a CUDA GPU.
+bench: setup
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) $(AXO_VENV) out

@@ -1,0 +1,1 @@
+"""Benchmarks of issue #8 (`make bench`); see docs/performance.md."""
