@@ -8,6 +8,7 @@ package (data/aligned-v1/) so users need not retrain it; `agl demo align-base` r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -34,15 +35,22 @@ def align_safe_prompts() -> list[str]:
     return rows + split_benign()["align"] + request_prompts()
 
 
-def training_rows(model: Any, tokenizer: Any, progress: Callable[[str], None]) -> list[dict]:
-    """Refusal rows for unsafe prompts and the model's own greedy answers for safe ones, interleaved."""
+def training_rows(model: Any, tokenizer: Any, progress: Callable[[str], None],
+                  known: Optional[dict[str, str]] = None) -> list[dict]:
+    """Refusal rows for unsafe prompts and the model's own greedy answers for safe ones, interleaved.
+
+    known: answers already generated (prompt → answer), e.g. from an interrupted run; only the rest are generated.
+    """
     unsafe = align_unsafe()
     safe = align_safe_prompts()
     check_disjoint([r["prompt"] for r in unsafe] + safe, [r["prompt"] for r in eval_records()], "alignment-training")
-    progress(f"aligned base: generating the model's own answers to {len(safe)} ordinary prompts")
-    ids = generate_targets(model, tokenizer, safe, max_new_tokens=SAFE_NEW_TOKENS, batch_size=16)
-    answers = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
-    safe_rows = [{"prompt": p, "response": a, "label": "safe"} for p, a in zip(safe, answers) if a]
+    answers = dict(known or {})
+    todo = [p for p in safe if p not in answers]
+    if todo:
+        progress(f"aligned base: generating the model's own answers to {len(todo)} ordinary prompts")
+        ids = generate_targets(model, tokenizer, todo, max_new_tokens=SAFE_NEW_TOKENS, batch_size=16)
+        answers.update({p: tokenizer.decode(t, skip_special_tokens=True).strip() for p, t in zip(todo, ids)})
+    safe_rows = [{"prompt": p, "response": answers[p], "label": "safe"} for p in safe if answers[p]]
     rows = []
     for i in range(max(len(unsafe), len(safe_rows))):
         rows += [unsafe[i]] if i < len(unsafe) else []
@@ -56,17 +64,17 @@ def train_adapter(out: Path, progress: Callable[[str], None] = print, base: str 
     model, tokenizer = load_model_and_tokenizer(base, progress=progress)
     tmp = out.with_name(out.name + ".work")
     cached = tmp / "training_rows.jsonl"  # the generated answers survive an interrupted run
-    rows = read_jsonl(cached)
-    if rows is None:
-        rows = training_rows(model, tokenizer, progress)
-        tmp.mkdir(parents=True, exist_ok=True)
-        write_jsonl(cached, rows)
+    known = {r["prompt"]: r["response"] for r in (read_jsonl(cached) or []) if r["label"] == "safe"}
+    rows = training_rows(model, tokenizer, progress, known)
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_jsonl(cached, rows)
     progress(f"aligned base: LoRA r={SPEC.r} on {len(rows)} rows, {SPEC.epochs:g} epochs")
     peft_model, _ = lora_finetune(model, tokenizer, rows, SPEC, str(tmp))
 
     staged = out.with_name(out.name + ".new")
     shutil.rmtree(staged, ignore_errors=True)
     peft_model.save_pretrained(str(staged))
+    to_bfloat16(staged / "adapter_model.safetensors")
     (staged / "training_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     if out.exists():  # swap in the finished folder: never a half-written adapter under `out`
         old = out.with_name(out.name + ".old")
@@ -80,19 +88,34 @@ def train_adapter(out: Path, progress: Callable[[str], None] = print, base: str 
     return out
 
 
-def aligned_base_dir() -> Path:
-    return cache_root() / "models" / ALIGNED_NAME
+def to_bfloat16(path: Path) -> None:
+    """Store the adapter weights in bfloat16 (half the size in the repository; merged into float32 weights)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def adapter_digest(adapter: Path) -> str:
+    """First 12 hex digits of the SHA-256 of the adapter weights: names the merged model built from them."""
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"The aligned-base adapter is missing at {adapter}; rebuild it with "
+                                f"`agl align-base --out {adapter}` (about 15 minutes on 2 CPU cores).")
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+
+
+def aligned_base_dir(adapter: Optional[Path] = None) -> Path:
+    """The cached merged model of `adapter` (default: the shipped one); a new adapter gets a new folder."""
+    return cache_root() / "models" / f"{ALIGNED_NAME}-{adapter_digest(adapter or ADAPTER_DIR)}"
 
 
 def ensure_aligned_base(progress: Callable[[str], None] = print, adapter: Optional[Path] = None) -> Path:
     """The aligned base as a plain HF folder (packaged model + shipped adapter, merged), built once and cached."""
-    dest = aligned_base_dir()
+    adapter = adapter or ADAPTER_DIR
+    dest = aligned_base_dir(adapter)
     if is_complete(dest):
         return dest
-    adapter = adapter or ADAPTER_DIR
-    if not (adapter / "adapter_model.safetensors").exists():
-        raise FileNotFoundError(f"The aligned-base adapter is missing at {adapter}; rebuild it with "
-                                f"`agl demo align-base` (about 10 minutes on 2 CPU cores).")
 
     def build(folder: Path) -> None:
         from peft import PeftModel

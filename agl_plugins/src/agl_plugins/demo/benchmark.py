@@ -14,6 +14,8 @@ import numpy as np
 from agl_core.config import AGLConfig
 from agl_core.safeio import atomic_write_bytes
 
+from .run import AGL as DEMO_AGL
+
 HELP = "The main job's full benchmark: several tasks, seeds, AGL variants and ablations (hours on a CPU)."
 
 # name → (mask settings, AGL penalty settings); None = plain LoRA. Masks are built once per name of mask settings.
@@ -21,7 +23,7 @@ COORD = dict(basis="coordinate", rho=0.01)
 KFAC16 = dict(basis="kfac", k_in=16, k_out="16")
 INPUT4 = dict(basis="kfac", k_in=4, k_out="all")
 CONTRAST4 = dict(INPUT4, contrastive=True)
-FULL = dict(lambda_a=1.0, lambda_t=0.01, lambda_nc=0.1)
+FULL = dict(DEMO_AGL)  # the demo's penalty weights
 VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "plain": None,
     "coordinate": (COORD, FULL),

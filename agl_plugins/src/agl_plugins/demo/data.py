@@ -76,9 +76,28 @@ STORY_PROMPTS = (
 )
 
 
+EVERYDAY_GOALS = (
+    "improve my sleep", "save money on groceries", "stay focused while studying", "make new friends in a new city",
+    "keep my houseplants alive", "start running as a beginner", "organise my closet", "cook rice perfectly",
+    "learn to play the guitar", "reduce stress at work", "write a good thank-you note", "plan a birthday party",
+    "clean a cast-iron pan", "stop procrastinating", "prepare for a driving test", "teach my kid to ride a bike",
+    "fix a squeaky door", "make my phone battery last longer", "choose a good laptop", "keep a journal",
+    "get better at public speaking", "pack light for a trip", "remember people's names", "grow tomatoes on a balcony",
+    "speed up my old computer", "make cold brew coffee", "start a book club", "apologise to a friend",
+    "improve my handwriting", "stretch after sitting all day", "build a habit of reading", "remove a wine stain",
+    "split bills fairly with roommates", "write a wedding toast", "study for a maths exam", "care for a new kitten",
+)
+EVERYDAY_FORMS = (
+    "How do I {g}?", "How can I {g}?", "What are simple ways to {g}?", "Give me tips to {g}.",
+    "Help me {g}.", "What's a good way to {g}?",
+)
+
+
 def request_prompts() -> list[str]:
-    """Benign requests in the forms harmful requests use (every skill x form, every task x request form, stories)."""
-    out = [f.format(s=s) for s in BENIGN_SKILLS for f in BENIGN_FORMS]
+    """Benign requests in the forms harmful requests use (every skill x form, every task x request form, stories,
+    everyday goals x question forms)."""
+    out = [f.format(g=g) for g in EVERYDAY_GOALS for f in EVERYDAY_FORMS]
+    out += [f.format(s=s) for s in BENIGN_SKILLS for f in BENIGN_FORMS]
     out += [f.format(t=t) for t in BENIGN_TASKS for f in BENIGN_REQUESTS]
     return out + list(STORY_PROMPTS)
 

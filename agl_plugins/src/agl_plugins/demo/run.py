@@ -18,7 +18,7 @@ from .train import ATTN, FinetuneSpec
 # The project's defaults for the demo, chosen by the measurements in docs/results.md.
 MASK = dict(basis="kfac", k_out="all", k_in=4, kfac_out_weight="g_diag")
 CONTRASTIVE = True
-AGL = dict(lambda_a=1.0, lambda_t=0.0, lambda_nc=0.1)
+AGL = dict(lambda_a=1.0, lambda_t=0.01, lambda_nc=0.1)
 TASKS = {
     "arith": dict(n_train=400, n_heldout=100, spec=dict(lr=1e-3, epochs=2)),
     "sure": dict(spec=dict(lr=1e-3, epochs=2)),
