@@ -87,7 +87,9 @@ class AGLPenalty:
 
     `config` defaults to the mask's config. The mask's base-model fingerprint is checked against `model`
     (check_fingerprint=False skips it, e.g. for synthetic masks). Tensors of the mask are cached on the LoRA weights' device
-    (re-cached if the model moves). fp16/bf16 LoRA weights are computed in float32.
+    (re-cached if the model moves). fp16/bf16 LoRA weights are computed in float32. Coordinate-basis
+    modules are evaluated together, one fused group per device/dtype/rank (agl_core.fused), in chunks of
+    `chunk_size` protected coordinates.
     """
 
     def __init__(self, model: nn.Module, mask: Any, config: Optional[AGLConfig] = None, *,
