@@ -12,6 +12,7 @@ import torch
 
 import tiny
 from agl_core.fused import FusedCoordinates
+from agl_core.penalty import AGLPenalty
 from reference import coordinate_blocks, lora_factors, reference
 from test_penalty import TERMS, all_shapes, assert_rel, compare, config, empty, grads, make_penalty
 
@@ -98,3 +99,23 @@ def test_cache_is_sixteen_bytes_per_coordinate_and_layout_is_consistent():
     assert covered[0][0] == 0 and covered[-1][1] == group.size
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # row chunks tile the coordinates
     assert sum(c.t1 - c.t0 for c in group.col_chunks) == group.size
+
+
+def test_factors_on_different_devices_are_a_clear_error():
+    from torch import nn
+
+    from agl_core.blocks import CoordinateBlock
+    from agl_core.mask import FisherMask
+
+    layer = nn.Module()  # a PEFT-shaped LoRA layer whose B sits on another device (meta) than A
+    layer.base_layer = nn.Linear(6, 5, bias=False)
+    layer.lora_A = nn.ModuleDict({"default": nn.Linear(6, 2, bias=False)})
+    layer.lora_B = nn.ModuleDict({"default": nn.Linear(2, 5, bias=False, device="meta")})
+    layer.scaling, layer.active_adapters = {"default": 1.0}, ["default"]
+    model = nn.Module()
+    model.proj = layer
+    block = CoordinateBlock((5, 6), torch.tensor([0, 7, 29], dtype=torch.int32), torch.ones(3), 1.0, 0.5)
+    cfg = config()
+    pen = AGLPenalty(model, FisherMask(blocks={"proj": block}, config=cfg), cfg, check_fingerprint=False)
+    with pytest.raises(ValueError, match="'proj' are on different devices"):
+        pen()

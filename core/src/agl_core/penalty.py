@@ -188,6 +188,10 @@ class AGLPenalty:
         if keys != self._group_keys:
             by_key: dict[tuple, list[int]] = {}
             for i, key in enumerate(keys):
+                b = self._bound[i]
+                if key is not None and b.target.B.device != key[0]:
+                    raise ValueError(f"LoRA factors of {b.key!r} are on different devices (A on {key[0]}, B on "
+                                     f"{b.target.B.device}); keep lora_A and lora_B of a layer on one device.")
                 if key is not None:
                     by_key.setdefault(key, []).append(i)
             self._group_cache = [
