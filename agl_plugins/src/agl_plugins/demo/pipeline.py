@@ -56,7 +56,7 @@ def estimate_stats(model: Any, tokenizer: Any, targets: list[str], *, kinds: tup
     if "kfac" in kinds or "contrastive" in kinds:
         stats.kfac = estimate_kfac(model, batches, **common)
     if "contrastive" in kinds:
-        ref = [{"prompt": p, "response": ""} for p in split_benign()["task"]]
+        ref = [{"prompt": p, "response": ""} for p in split_benign()["task"][:max_examples]]
         ref_batches = make_batches(ref, tokenizer, batch_size=batch_size, max_length=max_length)
         stats.reference = estimate_input_covariance(model, ref_batches, **common)
     stats.seconds["fisher"] = time.perf_counter() - t0
