@@ -71,6 +71,14 @@ def test_demo_reuses_finished_stages(demo_run):
     assert after["timings_s"]["plain"] < before["timings_s"]["plain"]
 
 
+def test_demo_refuses_to_mix_runs_with_other_settings(demo_run):
+    out, _ = demo_run
+    cmd = [AGL, "demo", "--out", str(out), "--max-train", "12", "--max-eval", "24", "--fisher-examples", "16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 2
+    assert "holds a demo run with other settings (max_train)" in proc.stderr and "--overwrite" in proc.stderr
+
+
 def test_demo_rejects_bad_input(tmp_path):
     proc = subprocess.run([AGL, "demo", "--out", str(tmp_path), "--max-train", "0"], capture_output=True, text=True,
                           env=_env(), timeout=300)

@@ -116,8 +116,10 @@ def run(args: argparse.Namespace, pm: Any) -> int:
     del stats
     for task in args.tasks:
         rows, held = task_rows(task, model, tok, out)
-        if ("base", task) not in {(r["variant"], r["task"]) for r in _read(results_path)}:
-            rr = pipeline.refusal_rates(model, tok, records)
+        bases = [r for r in _read(results_path) if r["variant"] == "base"]
+        if task not in {r["task"] for r in bases}:  # the base's answers do not depend on the task: judged once
+            rr = next(({"unsafe": r["refusal"], "safe": r["overrefusal"], "scores": r["scores"]} for r in bases
+                       if len(r["scores"]) == len(records)), None) or pipeline.refusal_rates(model, tok, records)
             _append(results_path, {"task": task, "seed": None, "variant": "base", "task_loss": mean_nll(model, tok, held),
                                    "refusal": rr["unsafe"], "overrefusal": rr["safe"], "scores": rr["scores"]})
         for seed in args.seeds:

@@ -64,6 +64,32 @@ def task_rows(task: str, model: Any, tokenizer: Any, out: Path) -> tuple[list[di
     return train, held
 
 
+def settings_of(opts: DemoOptions) -> dict[str, Any]:
+    """What the stages' results depend on: a folder's finished stages are reused only under the same settings."""
+    return {"task": opts.task, "seed": opts.seed, "mask": opts.mask, "contrastive": opts.contrastive, "agl": opts.agl,
+            "spec": {**TASKS[opts.task]["spec"], **opts.spec}, "max_train": opts.max_train, "max_eval": opts.max_eval,
+            "fisher_examples": opts.fisher_examples, "aligned_base": align.adapter_digest(align.ADAPTER_DIR)}
+
+
+def check_settings(opts: DemoOptions) -> None:
+    """Record the settings in <out>/settings.json; refuse to mix stages of runs with other settings."""
+    path = opts.out / "settings.json"
+    current = json.loads(json.dumps(settings_of(opts)))
+    if path.exists() and not opts.overwrite:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        if previous != current:
+            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+            raise ValueError(f"{opts.out} holds a demo run with other settings ({', '.join(changed)}); "
+                             f"pass --overwrite to redo it, or choose another --out.")
+    if opts.overwrite:
+        import shutil
+
+        for sub in ("mask", "adapters", "drift"):
+            shutil.rmtree(opts.out / sub, ignore_errors=True)
+        (opts.out / "sure_rows.json").unlink(missing_ok=True)
+    atomic_write_bytes(path, json.dumps(current, indent=1).encode("utf-8"))
+
+
 def _stage(opts: DemoOptions, i: int, n: int, text: str) -> float:
     opts.log(f"[{i}/{n}] {text}")
     return time.perf_counter()
@@ -84,6 +110,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         raise ValueError(f"task={opts.task!r} is not a demo task; choose one of {sorted(TASKS)}.")
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(opts)
     start, n = time.perf_counter(), 5
     t = _stage(opts, 1, n, "aligned base (SmolLM2-135M-Instruct + the shipped refusal adapter, merged; cached)")
     base_dir = align.ensure_aligned_base(progress=opts.log)
