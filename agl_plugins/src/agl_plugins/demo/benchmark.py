@@ -39,6 +39,9 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "lambda-0.1": (CONTRAST4, dict(FULL, lambda_a=0.1)),
     "lambda-10": (CONTRAST4, dict(FULL, lambda_a=10.0)),
     "lambda-100": (CONTRAST4, dict(FULL, lambda_a=100.0)),
+    "lambda-1e3": (CONTRAST4, dict(FULL, lambda_a=1e3)),
+    "lambda-1e4": (CONTRAST4, dict(FULL, lambda_a=1e4)),
+    "coordinate-1e3": (COORD, dict(FULL, lambda_a=1e3)),
     "rho-0.1pct": (dict(COORD, rho=0.001), FULL),
     "rho-5pct": (dict(COORD, rho=0.05), FULL),
 }

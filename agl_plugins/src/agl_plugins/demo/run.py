@@ -13,7 +13,7 @@ from agl_core.safeio import atomic_write_bytes
 
 from . import align, pipeline
 from .data import arithmetic_task, check_disjoint, eval_records, split_benign, sure_response
-from .train import ATTN, FinetuneSpec
+from .train import ATTN, FinetuneSpec, mean_nll
 
 # The project's defaults for the demo, chosen by the measurements in docs/results.md.
 MASK = dict(basis="kfac", k_out="all", k_in=4, kfac_out_weight="g_diag")
@@ -131,6 +131,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     rows, held = task_rows(opts.task, model, tokenizer, out)
     rows = rows[:opts.max_train] if opts.max_train else rows
+    base_loss = mean_nll(model, tokenizer, held)  # the aligned base on the held-out task rows
     del model
     spec_args = {**TASKS[opts.task]["spec"], **opts.spec}
     results = {}
@@ -155,11 +156,6 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         max_prompts=opts.max_eval, max_generations=None, max_new_tokens=EVAL_NEW_TOKENS, batch_size=32,
         compare={"agl": "agl", "plain": "plain"}, mask=str(mask_dir), overwrite=opts.overwrite), log_fn=opts.log)
     timings["driftcheck"] = time.perf_counter() - t
-    # base task loss: the aligned base on the same held-out rows
-    base_model, _ = load_model_and_tokenizer(str(base_dir), progress=lambda s: None)
-    from .train import mean_nll
-
-    base_loss = mean_nll(base_model, tokenizer, held)
     summary = summarise(report, results, base_loss, opts, timings, time.perf_counter() - start)
     atomic_write_bytes(out / "demo.json", json.dumps(summary, indent=1).encode("utf-8"))
     atomic_write_bytes(out / "demo.md", (summary["table"] + "\n").encode("utf-8"))

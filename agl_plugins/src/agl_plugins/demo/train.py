@@ -86,7 +86,8 @@ def lora_finetune(model: Any, tokenizer: Any, rows: list[dict], spec: FinetuneSp
     args = TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=spec.batch_size, learning_rate=spec.lr,
         num_train_epochs=spec.epochs, lr_scheduler_type="cosine", warmup_steps=spec.warmup_ratio,
-        logging_steps=log_every, save_strategy="no", report_to=[], seed=spec.seed, data_seed=spec.seed,
+        logging_steps=min(log_every, steps_for(len(data), spec)),  # a short run still logs its metrics once
+        save_strategy="no", report_to=[], seed=spec.seed, data_seed=spec.seed,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress, remove_unused_columns=False,
         dataloader_num_workers=0, weight_decay=0.0, train_sampling_strategy="group_by_length",  # less padding
         **spec.extra,
