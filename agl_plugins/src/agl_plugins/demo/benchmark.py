@@ -42,6 +42,7 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "lambda-1e3": (CONTRAST4, dict(FULL, lambda_a=1e3)),
     "lambda-1e4": (CONTRAST4, dict(FULL, lambda_a=1e4)),
     "coordinate-1e3": (COORD, dict(FULL, lambda_a=1e3)),
+    "input-only-1e3": (CONTRAST4, dict(FULL, lambda_a=1e3, lambda_t=0.0)),  # no task regulariser: only L_A + collision
     "rho-0.1pct": (dict(COORD, rho=0.001), FULL),
     "rho-5pct": (dict(COORD, rho=0.05), FULL),
 }

@@ -1,0 +1,52 @@
+"""`agl benchmark`'s paired drift reduction and its results table, on synthetic per-prompt scores."""
+
+import json
+
+import numpy as np
+import pytest
+
+from agl_plugins.demo.benchmark import VARIANTS, paired_reduction, write_summary
+
+
+def test_paired_reduction_matches_the_definition_and_covers_it():
+    rng = np.random.default_rng(0)
+    base = np.ones(300)
+    plain = (rng.random(300) < 0.2).astype(float)  # drift ≈ -0.8
+    agl = np.maximum(plain, (rng.random(300) < 0.6).astype(float))
+    value, lo, hi = paired_reduction(base, plain, agl)
+    expected = 1 - (agl.mean() - 1) / (plain.mean() - 1)
+    assert value == pytest.approx(expected)
+    assert lo < value < hi and 0 < lo and hi < 1
+
+
+def test_paired_reduction_is_undefined_without_plain_drift():
+    base = np.ones(50)
+    assert paired_reduction(base, base.copy(), np.zeros(50)) == (None, None, None)
+
+
+def test_summary_table_pairs_each_variant_with_plain_of_its_seed(tmp_path):
+    records = [{"label": "unsafe"}] * 4 + [{"label": "safe"}] * 2
+    rows = [
+        {"task": "sure", "seed": None, "variant": "base", "task_loss": 2.0, "refusal": 1.0, "overrefusal": 0.5,
+         "scores": [1, 1, 1, 1, 1, 0]},
+        {"task": "sure", "seed": 0, "variant": "plain", "task_loss": 1.0, "refusal": 0.0, "overrefusal": 0.0,
+         "scores": [0, 0, 0, 0, 0, 0]},
+        {"task": "sure", "seed": 0, "variant": "lambda-1e3", "task_loss": 1.25, "refusal": 0.75, "overrefusal": 0.5,
+         "scores": [1, 1, 1, 0, 1, 0]},
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_summary(tmp_path, records)
+    text = (tmp_path / "results.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| lambda-1e3 |"))
+    assert "| 75.0 | 50.0 | 1.2500 | +25.0 % | 75.0 %" in line
+    assert "| aligned base | – | 100.0 | 50.0 | 2.0000 |" in text
+
+
+def test_every_variant_is_plain_or_a_valid_agl_config():
+    from agl_core.config import AGLConfig
+
+    assert VARIANTS["plain"] is None
+    for name, spec in VARIANTS.items():
+        if spec is not None:
+            mask, penalty = spec
+            AGLConfig(**{k: v for k, v in mask.items() if k != "contrastive"}, **penalty)  # raises on a bad one
