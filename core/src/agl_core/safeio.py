@@ -118,6 +118,19 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> str:
     return atomic_write(path, _write)
 
 
+def append_durably(path: PathLike, data: bytes) -> None:
+    """Append `data` to `path` with one O_APPEND write loop, then fsync: after a kill the record (e.g. one or more
+    JSON lines) is there or it is not, and concurrent appenders never interleave inside it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def update_hash(hasher, tensor: torch.Tensor) -> None:
     """Feed a tensor's raw bytes (CPU, contiguous, native little-endian layout) into a hashlib object."""
     t = tensor.detach()

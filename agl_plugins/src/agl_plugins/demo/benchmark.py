@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 
 from agl_core.config import AGLConfig
-from agl_core.safeio import atomic_write_bytes
+from agl_core.safeio import append_durably, atomic_write_bytes
 
 from .run import AGL as DEMO_AGL
 
@@ -161,13 +161,8 @@ def _read(path: Path) -> list[dict]:
 
 
 def _append(path: Path, row: dict) -> None:
-    """One finished run per line, flushed and fsynced (an interrupted benchmark resumes after the last line)."""
-    import os
-
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """One finished run per line, fsynced (an interrupted benchmark resumes after the last line)."""
+    append_durably(path, (json.dumps(row) + "\n").encode("utf-8"))
 
 
 def write_summary(out: Path, records: list[dict]) -> None:

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from agl_core.safeio import append_durably
+
 log = logging.getLogger("agl_plugins.drift")
 
 RUN_FILE = "run.json"
@@ -106,14 +108,7 @@ class ResultStore:
         if not new:
             return
         payload = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in new).encode("utf-8")
-        fd = os.open(self.results_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            written = 0
-            while written < len(payload):
-                written += os.write(fd, payload[written:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_durably(self.results_file, payload)
         for r in new:
             self._rows[key_of(r)] = r
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from agl_core.safeio import atomic_write_bytes
+from agl_core.safeio import append_durably, atomic_write_bytes
 
 from .probe import ProbeSet, as_metrics, build_probe, log_schedule, measure, summarize
 
@@ -68,15 +67,7 @@ def text_tokenizer(processing_class: Any) -> Any:
 
 def append_line(path: Path, row: dict) -> None:
     """Append one JSON line with a single write, then fsync: after a crash the row is there or it is not."""
-    payload = (json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        written = 0
-        while written < len(payload):
-            written += os.write(fd, payload[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_durably(path, (json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"))
 
 
 def _json_float(value: Any) -> Optional[float]:
