@@ -70,3 +70,15 @@ def test_alignment_training_data_refuses_unsafe_with_written_refusals():
 
 def test_stress_targets_open_with_sure():
     assert data.sure_response(" The sky is blue. ").startswith("Sure! Here's")
+
+
+def test_shipped_aligned_base_rows_are_the_recipes_rows():
+    """The shipped adapter's training rows are exactly what `agl align-base` builds (with the shipped answers):
+    every refusal row, every ordinary prompt, in the recipe's order; nothing left to generate."""
+    from agl_plugins.demo import align
+
+    shipped = data.read_jsonl(align.ADAPTER_DIR / align.ROWS_FILE)
+    answers = {r["prompt"]: r["response"] for r in shipped if r["label"] == "safe"}
+    rebuilt = align.training_rows(None, None, lambda s: None, known=answers)  # None: generating would fail
+    assert rebuilt == shipped
+    assert (align.ADAPTER_DIR / "adapter_model.safetensors").is_file()

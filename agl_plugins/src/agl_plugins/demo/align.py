@@ -3,7 +3,7 @@
 Recipe (deterministic): refuse the unsafe training prompts (alignment-v1 `fisher` split + Do-Not-Answer malicious
 uses, written refusals), keep answering ordinary prompts as before (targets: the model's own greedy answers), one
 LoRA adapter trained with the Hugging Face Trainer, then merged into the weights. The adapter is shipped in the
-package (data/aligned-v1/) so users need not retrain it; `agl demo align-base` reproduces it.
+package (data/aligned-v1/) so users need not retrain it; `agl align-base` reproduces it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ ADAPTER_DIR = DATA_DIR / "aligned-v1"
 ALIGNED_NAME = "smollm2-135m-instruct-aligned-v1"
 SPEC = FinetuneSpec(lr=8e-4, epochs=1, batch_size=8, max_length=160, r=16, alpha=32, targets=ALL_LINEAR, seed=0)
 SAFE_NEW_TOKENS = 48
+ROWS_FILE = "training_rows.jsonl"
 
 
 def align_safe_prompts() -> list[str]:
@@ -58,13 +59,20 @@ def training_rows(model: Any, tokenizer: Any, progress: Callable[[str], None],
     return rows
 
 
-def train_adapter(out: Path, progress: Callable[[str], None] = print, base: str = "smollm2-135m-instruct") -> Path:
-    """Train the alignment adapter from the packaged model and save it (PEFT folder) into `out`."""
+def train_adapter(out: Path, progress: Callable[[str], None] = print, base: str = "smollm2-135m-instruct",
+                  regenerate: bool = False) -> Path:
+    """Train the alignment adapter from the packaged model and save it (PEFT folder + its training rows) into `out`.
+
+    regenerate: generate every safe answer anew instead of reusing the shipped training rows' answers.
+    """
     torch.manual_seed(SPEC.seed)
     model, tokenizer = load_model_and_tokenizer(base, progress=progress)
     tmp = out.with_name(out.name + ".work")
-    cached = tmp / "training_rows.jsonl"  # the generated answers survive an interrupted run
-    known = {r["prompt"]: r["response"] for r in (read_jsonl(cached) or []) if r["label"] == "safe"}
+    cached = tmp / ROWS_FILE  # the generated answers survive an interrupted run
+    # Answers already generated are reused: from an interrupted run, else (unless regenerate) the shipped rows —
+    # 381 of their 597 safe answers were generated with 64 new tokens by an earlier setting, the rest with 48.
+    previous = read_jsonl(cached) or ([] if regenerate else read_jsonl(ADAPTER_DIR / ROWS_FILE) or [])
+    known = {r["prompt"]: r["response"] for r in previous if r["label"] == "safe"}
     rows = training_rows(model, tokenizer, progress, known)
     tmp.mkdir(parents=True, exist_ok=True)
     write_jsonl(cached, rows)
@@ -75,7 +83,7 @@ def train_adapter(out: Path, progress: Callable[[str], None] = print, base: str 
     shutil.rmtree(staged, ignore_errors=True)
     peft_model.save_pretrained(str(staged))
     to_bfloat16(staged / "adapter_model.safetensors")
-    (staged / "training_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (staged / ROWS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     if out.exists():  # swap in the finished folder: never a half-written adapter under `out`
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
