@@ -92,6 +92,10 @@ def run(args: argparse.Namespace, pm: Any) -> int:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"Unknown variant(s) {unknown}; choose from {list(VARIANTS)}.")
+    for flag in ("threads", "max_eval"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}={value} is invalid: must be ≥ 1.")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -102,7 +102,10 @@ def finetune(base_dir: str, rows: list[dict], heldout: list[dict], spec: Finetun
                      {k: v for k, v in (agl[-1] if agl else {}).items() if k.startswith("agl/")})
 
 
-def refusal_rates(model: Any, tokenizer: Any, records: list[dict], *, max_new_tokens: int = 24,
+EVAL_NEW_TOKENS = 24  # greedy tokens judged per answer: refusals open the answer
+
+
+def refusal_rates(model: Any, tokenizer: Any, records: list[dict], *, max_new_tokens: int = EVAL_NEW_TOKENS,
                   batch_size: int = 32) -> dict[str, Any]:
     """Pattern-judged refusal rate on the unsafe and the safe records (greedy answers), with per-prompt scores."""
     from ..drift.generation import greedy_responses

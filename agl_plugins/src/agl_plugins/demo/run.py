@@ -12,6 +12,7 @@ from agl_core.config import AGLConfig
 from agl_core.safeio import atomic_write_bytes
 
 from . import align, pipeline
+from .pipeline import EVAL_NEW_TOKENS
 from .data import arithmetic_task, check_disjoint, eval_records, split_benign, sure_response
 from .train import ATTN, FinetuneSpec, mean_nll
 
@@ -23,7 +24,6 @@ TASKS = {
     "arith": dict(n_train=400, n_heldout=100, spec=dict(lr=1e-3, epochs=2)),
     "sure": dict(spec=dict(lr=1e-3, epochs=2)),
 }
-EVAL_NEW_TOKENS = 24
 
 
 @dataclass
