@@ -6,7 +6,7 @@ import collections
 import json
 
 import pytest
-from conftest import ROWS, write_jsonl
+from driftrows import ROWS, write_jsonl
 
 from agl_plugins.drift import DEFAULT_PROMPTS, load_eval_prompts, overrefusal_v1
 from agl_plugins.manager import available_prompt_sets

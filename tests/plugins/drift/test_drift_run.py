@@ -15,7 +15,7 @@ from agl_plugins.hookspecs import hookimpl
 from agl_plugins.manager import get_plugin_manager
 
 import tiny
-from conftest import ROWS, write_jsonl
+from driftrows import ROWS, write_jsonl
 
 FAST = dict(max_new_tokens=6, batch_size=4, max_generations=6, progress=False, device="cpu")
 
