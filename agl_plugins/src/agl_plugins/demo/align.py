@@ -1,6 +1,6 @@
 """The aligned base: SmolLM2-135M-Instruct with a refusal behaviour trained in (it refuses nothing out of the box).
 
-Recipe (deterministic): refuse the unsafe training prompts (alignment-v1 `fisher` split + Do-Not-Answer malicious
+Recipe (seeded, one thread): refuse the unsafe training prompts (alignment-v1 `fisher` split + Do-Not-Answer malicious
 uses, written refusals), keep answering ordinary prompts as before (targets: the model's own greedy answers), one
 LoRA adapter trained with the Hugging Face Trainer, then merged into the weights. The adapter is shipped in the
 package (data/aligned-v1/) so users need not retrain it; `agl align-base` reproduces it.

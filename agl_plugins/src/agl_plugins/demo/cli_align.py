@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-HELP = "Train the refusal adapter that turns SmolLM2-135M-Instruct into the demo's aligned base (deterministic)."
+HELP = "Train the refusal adapter that turns SmolLM2-135M-Instruct into the demo's aligned base (seeded)."
 
 
 def add_arguments(parser: argparse.ArgumentParser, pm: Any) -> None:
@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser, pm: Any) -> None:
                         "prompts anew instead of reusing those in the shipped training_rows.jsonl (they differ: 381 "
                         "of them were generated with 64 new tokens, the recipe now uses 48).")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default: %(default)s: reproducible, and fastest on a busy machine).")
+                        help="torch CPU threads (default: %(default)s, the setting the shipped adapter was trained "
+                             "with; also the fastest on a busy machine).")
 
 
 def run(args: argparse.Namespace, pm: Any) -> int:
