@@ -168,6 +168,22 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def pad_examples(examples: list[tuple[list[int], list[int]]], pad: int, max_length: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch of (prompt ids, response ids) pairs, each cut to `max_length`: input_ids,
+    attention_mask and labels ((b, T) tensors; labels are IGNORE outside the response)."""
+    seqs = [(p + t)[:max_length] for p, t in examples]
+    labs = [([IGNORE] * len(p) + t)[:max_length] for p, t in examples]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, (s, lab) in enumerate(zip(seqs, labs)):
+        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+        labels[row, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        mask[row, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 class RecordBatches(Sequence):
     """Right-padded token batches built from records; missing targets are generated on first access.
 
@@ -193,7 +209,7 @@ class RecordBatches(Sequence):
             raise IndexError(f"batch index {i} out of range for {len(self)} batches")
         rows = list(range(i * self.batch_size, min((i + 1) * self.batch_size, len(self.examples))))
         self._fill_targets(rows)
-        return self._collate([self.examples[r] for r in rows])
+        return pad_examples([self.examples[r] for r in rows], self.pad, self.max_length)
 
     def _fill_targets(self, rows: list[int]) -> None:
         todo = [r for r in rows if self.examples[r][1] is None and len(self.examples[r][0]) < self.max_length]
@@ -207,19 +223,6 @@ class RecordBatches(Sequence):
                                  batch_size=len(prompts))
         for r, target in zip(todo, generated):
             self.examples[r] = (self.examples[r][0], target)
-
-    def _collate(self, examples: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        seqs = [(p + t)[: self.max_length] for p, t in examples]
-        labs = [([IGNORE] * len(p) + t)[: self.max_length] for p, t in examples]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, (s, lab) in enumerate(zip(seqs, labs)):
-            ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-            labels[row, : len(lab)] = torch.tensor(lab, dtype=torch.long)
-            mask[row, : len(s)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def make_batches(records: Iterable[Any], tokenizer: Any, *, batch_size: int = 8, max_length: int = 256,

@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
-from agl_core.batches import encode_response, pad_id, render_prompt
+from agl_core.batches import IGNORE, encode_response, make_batches, pad_examples, pad_id, render_prompt
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = ATTN + ("gate_proj", "up_proj", "down_proj")
@@ -32,37 +33,26 @@ class FinetuneSpec:
 
 
 def encode_rows(tokenizer: Any, rows: list[dict], max_length: int) -> list[dict]:
-    """Chat-template prompt + response ids; labels only on the response (completion-only loss)."""
+    """Chat-template prompt and response ids per row (loss on the response only, see `pad_examples`), plus the cut
+    input_ids that the length-grouped sampler measures. Rows whose prompt fills `max_length` are dropped."""
     out = []
     for r in rows:
-        p = render_prompt(tokenizer, r["prompt"])
-        a = encode_response(tokenizer, r["response"])
-        ids = (p + a)[:max_length]
-        labels = ([-100] * len(p) + a)[:max_length]
-        if any(t != -100 for t in labels):
-            out.append({"input_ids": ids, "labels": labels})
+        p, a = render_prompt(tokenizer, r["prompt"]), encode_response(tokenizer, r["response"])
+        if len(p) < max_length and a:
+            out.append({"prompt_ids": p, "target_ids": a, "input_ids": (p + a)[:max_length]})
     if not out:
         raise ValueError(f"No training example keeps a response token within max_length={max_length}.")
     return out
 
 
 class PadCollator:
-    """Right-pads a list of encoded rows into a batch (labels padded with -100)."""
+    """The Trainer's collator: agl_core's right-padded batch of the rows' (prompt, response) ids."""
 
-    def __init__(self, pad: int) -> None:
-        self.pad = pad
+    def __init__(self, pad: int, max_length: int) -> None:
+        self.pad, self.max_length = pad, max_length
 
     def __call__(self, feats: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in feats)
-        ids = torch.full((len(feats), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(feats), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(feats), width), dtype=torch.long)
-        for i, f in enumerate(feats):
-            n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return pad_examples([(f["prompt_ids"], f["target_ids"]) for f in feats], self.pad, self.max_length)
 
 
 def steps_for(n_rows: int, spec: FinetuneSpec) -> int:
@@ -92,7 +82,7 @@ def lora_finetune(model: Any, tokenizer: Any, rows: list[dict], spec: FinetuneSp
         dataloader_num_workers=0, weight_decay=0.0, train_sampling_strategy="group_by_length",  # less padding
         **spec.extra,
     )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=data, data_collator=PadCollator(pad_id(tokenizer)))
+    trainer = Trainer(model=peft_model, args=args, train_dataset=data, data_collator=PadCollator(pad_id(tokenizer), spec.max_length))
     if spec.agl is not None:
         from .. import attach
 
@@ -102,23 +92,14 @@ def lora_finetune(model: Any, tokenizer: Any, rows: list[dict], spec: FinetuneSp
     return peft_model, list(trainer.state.log_history)
 
 
-@torch.no_grad()
 def mean_nll(model: Any, tokenizer: Any, rows: list[dict], *, max_length: int = 160, batch_size: int = 16) -> float:
-    """Token-averaged NLL of the responses in `rows` under `model` (the held-out task loss)."""
-    data = encode_rows(tokenizer, rows, max_length)
-    collate = PadCollator(pad_id(tokenizer))
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(data), batch_size):
-        batch = {k: v.to(device) for k, v in collate(data[start:start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        keep = labels != -100
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        nll = -lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total += float(nll[keep].sum())
-        count += int(keep.sum())
-    model.train(was_training)
-    return total / max(count, 1)
+    """Token-averaged NLL of the responses in `rows` under `model` (the held-out task loss): the forgetting probe's
+    per-example NLLs, weighted by each example's number of scored tokens."""
+    from ..forgetting.probe import prompt_nll
+
+    batches = make_batches(rows, tokenizer, batch_size=batch_size, max_length=max_length)
+    per_example = prompt_nll(model, batches)
+    counts = np.array([n for b in batches for n in (b["labels"][:, 1:] != IGNORE).sum(1).tolist()], dtype=np.float64)
+    if not counts.sum():
+        raise ValueError(f"No held-out example keeps a response token within max_length={max_length}.")
+    return float((per_example * counts).sum() / counts.sum())
