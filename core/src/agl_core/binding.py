@@ -1,15 +1,15 @@
-"""Matching a mask's blocks to a model's LoRA targets, with validation and per-device tensor caches."""
+"""Matching a mask's blocks to a model's LoRA targets, with validation."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .blocks import Block, CoordinateBlock, KFACBlock, split_weights
+from .blocks import Block, CoordinateBlock, KFACBlock
 from .config import AGLConfig
 from .modules import LoRATarget, find_lora_targets
 
@@ -18,13 +18,11 @@ ORTHO_TOL = 1e-3  # max |QᵀQ − I| accepted for the stored (float32) K-FAC ba
 
 @dataclass
 class BoundModule:
-    """One LoRA target with its mask block; `cached()` gives the block's tensors on a device/dtype."""
+    """One LoRA target with its mask block."""
 
     key: str
     target: LoRATarget
     block: Block
-    _cache_key: Optional[tuple] = field(default=None, repr=False)
-    _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def kind(self) -> str:
@@ -33,28 +31,6 @@ class BoundModule:
     @property
     def size(self) -> int:
         return self.block.size
-
-    def cached(self, device: torch.device, dtype: torch.dtype, split: str) -> dict[str, torch.Tensor]:
-        """index (coordinate) or U, V (kfac), and m, F̂ (float64 math, stored in `dtype`) on `device`."""
-        key = (device, dtype, split)
-        if key != self._cache_key:
-            self._cache = _block_tensors(self.block, device, dtype, split)
-            self._cache_key = key
-        return self._cache
-
-
-def _block_tensors(block: Block, device: torch.device, dtype: torch.dtype, split: str) -> dict[str, torch.Tensor]:
-    if isinstance(block, CoordinateBlock):
-        fisher = block.fisher.detach().to("cpu", torch.float64)  # (|S|,)
-        out = {"index": block.index.detach().to(device)}
-    else:
-        fisher = torch.outer(block.mu.detach().cpu().double(), block.lam.detach().cpu().double())  # (k_out, k_in)
-        out = {"V": block.V.detach().to(device, dtype)}
-        if block.U is not None:
-            out["U"] = block.U.detach().to(device, dtype)
-    out["m"] = split_weights(fisher, block.kappa, split).to(device, dtype)
-    out["fhat"] = (fisher / block.norm).to(device, dtype)
-    return out
 
 
 def empty_block(name: str, shape: Any) -> CoordinateBlock:

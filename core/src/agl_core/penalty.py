@@ -13,7 +13,7 @@ from torch import nn
 from .binding import BoundModule, bind_targets, empty_block
 from .config import AGLConfig
 from .fused import DEFAULT_CHUNK, FusedCoordinates
-from .gather import delta_sq_norm, kfac_project
+from .fused_kfac import FusedKFAC, kfac_key
 from .mask import EMPTY_KEY
 
 logger = logging.getLogger(__name__)
@@ -59,25 +59,6 @@ class PenaltyResult:
         return out
 
 
-def module_terms(d: torch.Tensor, m: torch.Tensor, fhat: torch.Tensor, dw_sq: torch.Tensor,
-                 config: AGLConfig) -> ModuleTerms:
-    """The AGL terms of one module from ΔW on its protected block `d` (any shape, same as m and F̂)."""
-    d2 = d * d  # ΔW_j² on S
-    m2 = m * m
-    l_a = (fhat * m2 * d2).sum()
-    a_sq = (m2 * d2).sum()  # ‖ΔW_A‖²
-    l_t = (dw_sq - ((2 * m - m2) * d2).sum()).clamp(min=0)  # ‖ΔW_T‖², orthonormal-basis identity
-    overlap = m * (1 - m) * d2  # m(1−m) ΔW²: summands of ⟨ΔW_A, ΔW_T⟩
-    eta = 1 + config.beta * torch.sigmoid(d.abs() - config.tau)
-    e_rie = (eta * overlap).sum() / max(d.numel(), 1)
-    inner = overlap.sum()
-    e_geo = inner * inner / (a_sq * l_t + config.eps)
-    with torch.no_grad():
-        max_abs = d.abs().amax() if d.numel() else d.new_zeros(())
-        diag = (d2.sum().detach(), dw_sq.detach(), max_abs)
-    return ModuleTerms(l_a, l_t, e_rie, e_geo, *diag)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -89,7 +70,8 @@ class AGLPenalty:
     (check_fingerprint=False skips it, e.g. for synthetic masks). Tensors of the mask are cached on the LoRA weights' device
     (re-cached if the model moves). fp16/bf16 LoRA weights are computed in float32. Coordinate-basis
     modules are evaluated together, one fused group per device/dtype/rank (agl_core.fused), in chunks of
-    `chunk_size` protected coordinates.
+    `chunk_size` protected coordinates; K-FAC-basis modules in one batched group per device/dtype/rank/shape
+    (agl_core.fused_kfac).
     """
 
     def __init__(self, model: nn.Module, mask: Any, config: Optional[AGLConfig] = None, *,
@@ -114,7 +96,7 @@ class AGLPenalty:
             mask.check_model(model)  # refuses a mask estimated on another base model
         self._bound, self.unmatched_mask_modules = bind_targets(model, _covered_blocks(mask), config)
         self._group_keys: Optional[tuple] = None
-        self._group_cache: list[tuple[list[int], FusedCoordinates]] = []
+        self._group_cache: list[tuple[list[int], Any]] = []
         if self.unmatched_mask_modules:
             names = self.unmatched_mask_modules
             logger.warning(
@@ -151,12 +133,19 @@ class AGLPenalty:
 
     def _evaluate(self, detail: bool) -> tuple[dict[str, torch.Tensor], Optional[tuple[list[int], torch.Tensor]]]:
         """Sums over modules of every ModuleTerms field (max for max_abs_dw_s); with `detail`, also the
-        (bound indices, (n, 7) detached table) of per-module values. Fused coordinate groups, then K-FAC."""
+        (bound indices, (n, 7) detached table) of per-module values, group by group."""
         c, fields = self.config, ModuleTerms._fields
         parts: list[list[torch.Tensor]] = []  # per part: one 0-dim tensor per field
         order: list[int] = []
         tables: list[torch.Tensor] = []
         for members, group in self._groups():
+            if isinstance(group, FusedKFAC):  # per-module (n,) terms of one batched K-FAC group
+                cols = group(c.beta, c.tau, c.eps)
+                parts.append([col.amax() if f == "max_abs_dw_s" else col.sum() for f, col in zip(fields, cols)])
+                if detail:
+                    order += members
+                    tables.append(torch.stack([col.detach() for col in cols], dim=1))
+                continue
             g = group(c.beta, c.tau, c.eps, detail)
             parts.append([g.L_A, g.L_T.sum(), g.E_rie, g.E_geo.sum(), g.on_support, g.dw_sq.sum(),
                           g.max_abs_dw_s.amax()])
@@ -164,15 +153,6 @@ class AGLPenalty:
                 order += members
                 tables.append(torch.stack([g.detail[:, 0], g.L_T.detach(), g.detail[:, 1], g.E_geo.detach(),
                                            g.detail[:, 2], g.dw_sq, g.max_abs_dw_s], dim=1))
-        kfac = [i for i, b in enumerate(self._bound) if b.kind != "coordinate"]
-        if kfac:
-            terms = [self._terms(self._bound[i]) for i in kfac]
-            device = terms[0].L_A.device
-            cols = [torch.stack([t[f].to(device) for t in terms]) for f in range(len(fields))]
-            parts.append([col.amax() if f == "max_abs_dw_s" else col.sum() for f, col in zip(fields, cols)])
-            if detail:
-                order += kfac
-                tables.append(torch.stack([col.detach() for col in cols], dim=1))
         device = parts[0][0].device
         sums = {}
         for k, f in enumerate(fields):
@@ -181,27 +161,35 @@ class AGLPenalty:
         table = (order, torch.cat([t.double().to(device) for t in tables])) if detail else None
         return sums, table
 
-    def _groups(self) -> list[tuple[list[int], FusedCoordinates]]:
-        """Coordinate-basis modules grouped by (device, dtypes, r); layouts re-built when any of these change."""
-        keys = tuple((b.target.A.device, b.target.A.dtype, b.target.B.dtype, b.target.A.shape[0])
-                     if b.kind == "coordinate" else None for b in self._bound)
+    def _groups(self) -> list[tuple[list[int], Any]]:
+        """Coordinate-basis modules grouped by (device, dtypes, r) into FusedCoordinates; K-FAC-basis modules by
+        (device, dtypes, r, shapes) into FusedKFAC. Layouts are re-built when a device or dtype changes."""
+        keys = tuple(self._group_key(b) for b in self._bound)
         if keys != self._group_keys:
             by_key: dict[tuple, list[int]] = {}
             for i, key in enumerate(keys):
                 b = self._bound[i]
-                if key is not None and b.target.B.device != key[0]:
-                    raise ValueError(f"LoRA factors of {b.key!r} are on different devices (A on {key[0]}, B on "
-                                     f"{b.target.B.device}); keep lora_A and lora_B of a layer on one device.")
-                if key is not None:
-                    by_key.setdefault(key, []).append(i)
-            self._group_cache = [
-                (idx, FusedCoordinates([self._bound[i] for i in idx], key[0],
-                                       _compute_dtype(torch.promote_types(key[1], key[2])), self.config.split,
-                                       self.chunk_size))
-                for key, idx in by_key.items()
-            ]
-            self._group_keys = keys
+                if b.target.B.device != b.target.A.device:
+                    raise ValueError(f"LoRA factors of {b.key!r} are on different devices (A on {b.target.A.device}, "
+                                     f"B on {b.target.B.device}); keep lora_A and lora_B of a layer on one device.")
+                by_key.setdefault(key, []).append(i)
+            groups: list[tuple[list[int], Any]] = []
+            for key, idx in by_key.items():
+                members = [self._bound[i] for i in idx]
+                dtype = _compute_dtype(torch.promote_types(key[2], key[3]))
+                if key[0] == "coordinate":
+                    groups.append((idx, FusedCoordinates(members, key[1], dtype, self.config.split, self.chunk_size)))
+                else:
+                    groups.append((idx, FusedKFAC(members, key[1], dtype, self.config.split)))
+            self._group_cache, self._group_keys = groups, keys
         return self._group_cache
+
+    @staticmethod
+    def _group_key(b: BoundModule) -> tuple:
+        t = b.target
+        if b.kind == "coordinate":
+            return ("coordinate", t.A.device, t.A.dtype, t.B.dtype, t.A.shape[0])
+        return ("kfac",) + kfac_key(t, b.block)
 
     def _scale(self, step: Optional[int]) -> float:
         if step is None:
@@ -214,16 +202,6 @@ class AGLPenalty:
         c = self.config
         collision = c.alpha * sums["E_rie"] + (1 - c.alpha) * sums["E_geo"]
         return c.lambda_a * sums["L_A"] + c.lambda_t * sums["L_T"] + c.lambda_nc * collision
-
-    def _terms(self, bound: BoundModule) -> ModuleTerms:
-        """One K-FAC-basis module's terms (coordinate-basis modules go through the fused groups)."""
-        target = bound.target
-        dtype = _compute_dtype(torch.promote_types(target.A.dtype, target.B.dtype))
-        cache = bound.cached(target.A.device, dtype, self.config.split)
-        A, B = target.A.to(dtype), target.B.to(dtype)  # (r, in), (out, r); upcast keeps autograd
-        dw_sq = delta_sq_norm(A, B, target.scale)
-        d = kfac_project(A, B, target.scale, cache.get("U"), cache["V"])  # (k_out or out, k_in)
-        return module_terms(d, cache["m"], cache["fhat"], dw_sq, self.config)
 
 
 def _covered_blocks(mask: Any) -> dict[str, Any]:
