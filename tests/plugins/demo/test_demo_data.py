@@ -29,6 +29,8 @@ def test_arithmetic_task_is_deterministic_correct_and_disjoint():
     first, again = data.arithmetic_task(200, 50, seed=0), data.arithmetic_task(200, 50, seed=0)
     assert first == again
     assert data.arithmetic_task(200, 50, seed=1) != first
+    fewer = data.arithmetic_task(120, 50, seed=0)  # the held-out rows do not move with the training budget
+    assert fewer["heldout"] == first["heldout"] and fewer["train"] == first["train"][:120]
     assert len(first["train"]) == 200 and len(first["heldout"]) == 50
     train_q = {r["prompt"] for r in first["train"]}
     assert len(train_q) == 200 and not train_q & {r["prompt"] for r in first["heldout"]}

@@ -213,3 +213,43 @@ def test_judge_model_in_memory_gives_the_rows_of_a_run(drift_setup, full_run):
     assert {(e["judge"], e["metric"]) for e in tables.metrics if e["category"] is None} == {
         ("margin", "refusal_rate"), ("margin", "over_refusal_rate"), ("margin", "mean_margin_unsafe"),
         ("margin", "mean_margin_safe"), ("pattern", "refusal_rate"), ("pattern", "over_refusal_rate")}
+
+
+def test_rows_of_an_earlier_folder_are_reused_where_they_would_be_identical(drift_setup, full_run, tmp_path):
+    ref_out, _, _ = full_run
+    src = tmp_path / "src"
+    shutil.copytree(ref_out, src)
+    rows = read_rows(src)
+    for r in rows:  # doctored: a reused row shows the doctored score, a re-evaluated one the real score
+        if r["model"] == "base" and r["judge"] == "count":
+            r["score"] = 1.0 - r["score"]
+    (src / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doctored = {(r["model"], r["judge"], r["id"]): r["score"] for r in rows}
+    judges = dict(judges=["margin", "pattern", "count"], plots=False)
+    lines = []
+
+    judge = CountingJudge()  # same base and same 'plain' file: nothing is evaluated
+    run_drift(model=drift_setup["model"], out=str(tmp_path / "a"), prompts=[drift_setup["prompts"]],
+              adapters={"plain": drift_setup["plain"]}, pm=pm_with(judge), reuse=[str(src)], log_fn=lines.append,
+              **judges, **FAST)
+    assert judge.calls == 0
+    got = {(r["model"], r["judge"], r["id"]): r["score"] for r in read_rows(tmp_path / "a")}
+    assert got == {k: v for k, v in doctored.items() if k[0] in ("base", "plain")}
+    assert any("reused" in line and "base, plain" in line for line in lines)
+
+    judge = CountingJudge()  # 'plain' names another file now: only the base is reused
+    run_drift(model=drift_setup["model"], out=str(tmp_path / "b"), prompts=[drift_setup["prompts"]],
+              adapters={"plain": drift_setup["agl"]}, pm=pm_with(judge), reuse=[str(src)], **judges, **FAST)
+    assert judge.calls == 2  # the 6 generation prompts of 'plain' (batches of 4 + 2)
+    got = {(r["model"], r["judge"], r["id"]): r["score"] for r in read_rows(tmp_path / "b")}
+    assert {k: v for k, v in got.items() if k[0] == "base"} == {k: v for k, v in doctored.items() if k[0] == "base"}
+
+    judge, lines = CountingJudge(), []  # other generation settings: nothing reused, and the log says why
+    run_drift(model=drift_setup["model"], out=str(tmp_path / "c"), prompts=[drift_setup["prompts"]], adapters={},
+              pm=pm_with(judge), reuse=[str(src)], log_fn=lines.append, **judges, **dict(FAST, max_new_tokens=7))
+    assert judge.calls == 2 and any("nothing reused (max_new_tokens differ)" in line for line in lines)
+
+    with pytest.raises(ValueError, match="is the --out folder itself"):
+        run(drift_setup, src, reuse=[str(src)])
+    with pytest.raises(ValueError, match="holds no DriftCheck run"):
+        run(drift_setup, tmp_path / "d", reuse=[str(tmp_path / "nothing")])

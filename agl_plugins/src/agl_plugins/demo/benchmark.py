@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser, pm: Any) -> None:
     parser.add_argument("--lambda-a", type=float, default=None, help="Override λ_A of every AGL variant.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine).")
     parser.add_argument("--max-eval", type=int, default=None, help="Evaluate on this many held-out prompts (default all).")
+    parser.add_argument("--forgetting", metavar="DATA", default=None,
+                        help="Also record every run's forgetting curve on DATA (e.g. builtin:alignment-v1; plain LoRA "
+                             "too, with AGL disabled): <out>/adapters/<task>/<seed>/<variant>.trainer/"
+                             "agl_forgetting.jsonl, fitted by `agl forgetting`.")
+    parser.add_argument("--forgetting-points", type=int, default=None,
+                        help="Forgetting probe: measurements per run (default: AGLConfig's).")
 
 
 def mask_key(settings: dict) -> str:
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace, pm: Any) -> int:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"Unknown variant(s) {unknown}; choose from {list(VARIANTS)}.")
-    for flag in ("threads", "max_eval"):
+    for flag in ("threads", "max_eval", "forgetting_points"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={value} is invalid: must be ≥ 1.")
@@ -102,6 +108,12 @@ def run(args: argparse.Namespace, pm: Any) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     done = {(r["task"], r["seed"], r["variant"]) for r in _read(results_path)}
+    probe = {}
+    if args.forgetting:
+        probe["forgetting_data"] = args.forgetting
+        if args.forgetting_points is not None:
+            probe["forgetting_points"] = args.forgetting_points
+        AGLConfig(enabled=False, **probe)  # bad probe options fail here, before hours of work
     base_dir = align.ensure_aligned_base()
     model, tok = load_model_and_tokenizer(str(base_dir), progress=lambda s: None)
     records = eval_records()
@@ -134,12 +146,12 @@ def run(args: argparse.Namespace, pm: Any) -> int:
             for variant in args.variants:
                 if (task, seed, variant) in done:
                     continue
-                agl = None
+                agl = AGLConfig(enabled=False, **probe) if probe else None  # plain LoRA: only the probe, if asked
                 if VARIANTS[variant] is not None:
                     mset, aset = VARIANTS[variant]
                     aset = dict(aset, lambda_a=args.lambda_a) if args.lambda_a is not None else aset
                     cfg = {k: v for k, v in mset.items() if k != "contrastive"}
-                    agl = AGLConfig(mask_path=str(masks[mask_key(mset)]), **cfg, **aset)
+                    agl = AGLConfig(mask_path=str(masks[mask_key(mset)]), **cfg, **aset, **probe)
                 spec = FinetuneSpec(seed=seed, agl=agl, **TASKS[task]["spec"])
                 print(f"[benchmark] task={task} seed={seed} variant={variant}", flush=True)
                 res = pipeline.finetune(str(base_dir), rows, held, spec, out / "adapters" / task / str(seed), variant,
@@ -152,7 +164,7 @@ def run(args: argparse.Namespace, pm: Any) -> int:
                 _append(results_path, {"task": task, "seed": seed, "variant": variant, "task_loss": res.task_loss,
                                        "train_loss": res.train_loss, "refusal": rr["unsafe"], "overrefusal": rr["safe"],
                                        "scores": rr["scores"], "train_s": res.seconds, "agl": res.agl,
-                                       "metrics": res.last_metrics})
+                                       "metrics": res.last_metrics, "forgetting": res.forgetting})
     write_summary(out, records)
     print((out / "results.md").read_text(encoding="utf-8"))
     return 0

@@ -19,7 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser, pm: Any) -> None:
                         help="arith: step-by-step arithmetic word problems (realistic task); sure: every answer opens "
                              "\"Sure! Here's\" (stress test) (default: %(default)s).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of both fine-tunes (default: %(default)s).")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument("--workers", type=int, default=None, help="Processes running stages side by side (default: 2 "
+                        "on a CPU with ≥ 2 cores — the two fine-tunes train at once — and 1 on a GPU).")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: 1 with "
+                        "several workers, torch's choice with one).")
     parser.add_argument("--max-train", type=int, default=None, help="Use only this many training rows (a quick look).")
     parser.add_argument("--max-eval", type=int, default=None, help="Evaluate on only this many held-out prompts "
                         "(unsafe and safe alternating; default: all 319 unsafe + 153 safe).")
@@ -37,12 +40,13 @@ def run(args: argparse.Namespace, pm: Any) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    for flag in ("max_train", "max_eval", "fisher_examples"):
+    for flag in ("max_train", "max_eval", "fisher_examples", "workers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={value} is invalid: must be ≥ 1.")
     opts = DemoOptions(out=Path(args.out), task=args.task, seed=args.seed, overwrite=args.overwrite,
-                       max_train=args.max_train, max_eval=args.max_eval, fisher_examples=args.fisher_examples)
+                       max_train=args.max_train, max_eval=args.max_eval, fisher_examples=args.fisher_examples,
+                       workers=args.workers, threads=args.threads)
     summary = run_demo(opts)
     print(summary["table"])
     return 0

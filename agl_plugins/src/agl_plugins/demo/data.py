@@ -163,7 +163,8 @@ def _problem(rng: random.Random) -> tuple[str, str]:
 
 
 def arithmetic_task(n_train: int, n_heldout: int, seed: int = 0) -> dict[str, list[dict]]:
-    """GSM8K-like word problems: disjoint train / held-out rows {prompt, response} (no repeated questions)."""
+    """GSM8K-like word problems: disjoint train / held-out rows {prompt, response} (no repeated questions). The
+    held-out rows come first, so they stay the same whatever the number of training rows."""
     rng = random.Random(1000 + seed)
     seen: set[str] = set()
     rows: list[dict] = []
@@ -172,7 +173,7 @@ def arithmetic_task(n_train: int, n_heldout: int, seed: int = 0) -> dict[str, li
         if q not in seen:
             seen.add(q)
             rows.append({"prompt": q, "response": a})
-    return {"train": rows[:n_train], "heldout": rows[n_train:]}
+    return {"train": rows[n_heldout:], "heldout": rows[:n_heldout]}
 
 
 def sure_response(answer: str) -> str:

@@ -17,6 +17,7 @@ from agl_core.config import AGLConfig
 from agl_core.fisher import estimate_fisher, estimate_input_covariance, estimate_kfac
 from agl_core.mask import FisherMask
 
+from ..forgetting import FORGET_FILE
 from ..prompts import alignment_v1
 from .data import split_benign
 from .train import FinetuneSpec, lora_finetune, mean_nll
@@ -82,24 +83,28 @@ class RunResult:
     seconds: float
     agl: Optional[dict] = None
     last_metrics: dict = field(default_factory=dict)
+    forgetting: Optional[str] = None  # the forgetting probe's rows, when the run measured them
 
 
 def finetune(base_dir: str, rows: list[dict], heldout: list[dict], spec: FinetuneSpec, out: Path, name: str,
-             *, progress: bool = True) -> RunResult:
+             *, progress: bool = True, step_log: Optional[Callable[[str], None]] = None) -> RunResult:
     """One fine-tune from a fresh copy of the aligned base; saves the adapter under out/name, measures task loss."""
     from ..models import load_model_and_tokenizer
 
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(base_dir, progress=lambda s: None)
-    peft_model, history = lora_finetune(model, tokenizer, rows, spec, str(out / f"{name}.trainer"), progress=progress)
+    peft_model, history = lora_finetune(model, tokenizer, rows, spec, str(out / f"{name}.trainer"), progress=progress,
+                                        step_log=step_log)
     task_loss = mean_nll(peft_model, tokenizer, heldout)
     adapter = out / name
     peft_model.save_pretrained(str(adapter))
     train = [h["loss"] for h in history if "loss" in h]
     agl = [h for h in history if any(k.startswith("agl/") for k in h)]
+    probe = out / f"{name}.trainer" / FORGET_FILE
     return RunResult(name, str(adapter), task_loss, train[-1] if train else None, time.perf_counter() - t0,
                      spec.agl.to_dict() if spec.agl is not None else None,
-                     {k: v for k, v in (agl[-1] if agl else {}).items() if k.startswith("agl/")})
+                     {k: v for k, v in (agl[-1] if agl else {}).items() if k.startswith("agl/")},
+                     str(probe) if probe.exists() else None)
 
 
 EVAL_NEW_TOKENS = 24  # greedy tokens judged per answer: refusals open the answer

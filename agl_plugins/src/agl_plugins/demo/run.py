@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+import warnings
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,7 +23,7 @@ MASK = dict(basis="kfac", k_out="all", k_in=4, kfac_out_weight="g_diag")
 CONTRASTIVE = True
 AGL = dict(lambda_a=1.0, lambda_t=0.01, lambda_nc=0.1)
 TASKS = {
-    "arith": dict(n_train=400, n_heldout=100, spec=dict(lr=1e-3, epochs=2)),
+    "arith": dict(n_train=300, n_heldout=100, spec=dict(lr=1e-3, epochs=2)),
     "sure": dict(spec=dict(lr=1e-3, epochs=2)),
 }
 
@@ -39,6 +41,8 @@ class DemoOptions:
     max_train: Optional[int] = None  # cut the task's training rows (smoke tests); None = the full task
     max_eval: Optional[int] = None  # cut the held-out evaluation prompts; None = all (≥ 300 unsafe, ≥ 100 safe)
     fisher_examples: Optional[int] = None  # cut the Fisher data; None = the whole fisher split
+    workers: Optional[int] = None  # processes running stages side by side; None = default_workers()
+    threads: Optional[int] = None  # torch threads per worker process (None: 1 with workers ≥ 2, else torch's choice)
     log: Callable[[str], None] = print
 
 
@@ -84,7 +88,7 @@ def check_settings(opts: DemoOptions) -> None:
     if opts.overwrite:
         import shutil
 
-        for sub in ("mask", "adapters", "drift"):
+        for sub in ("mask", "adapters", "drift", "drift-runs"):
             shutil.rmtree(opts.out / sub, ignore_errors=True)
         (opts.out / "sure_rows.json").unlink(missing_ok=True)
     atomic_write_bytes(path, json.dumps(current, indent=1).encode("utf-8"))
@@ -99,63 +103,179 @@ def _agl_config(opts: DemoOptions, mask_path: Path) -> AGLConfig:
     return AGLConfig(mask_path=str(mask_path), **{**opts.mask, **opts.agl})
 
 
+def default_workers() -> int:
+    """Two worker processes of one thread on a CPU with ≥ 2 cores (two fine-tunes side by side use the cores far
+    better than one fine-tune with two threads); one on a GPU or a single core."""
+    import os
+
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
+
+
+def base_judged_dir(base_dir: Path, max_eval: Optional[int]) -> Path:
+    """Where the aligned base's own DriftCheck rows are kept (they depend only on it and on the evaluation)."""
+    return base_dir.parent / f"{base_dir.name}-driftcheck-{max_eval or 'all'}-{EVAL_NEW_TOKENS}"
+
+
+def _drift_options(base_dir: Path, out: Path, adapters: dict[str, str], opts: DemoOptions, **more: Any) -> Any:
+    from ..drift.runner import DriftOptions
+
+    return DriftOptions(model=str(base_dir), out=str(out), adapters=adapters, max_prompts=opts.max_eval,
+                        max_generations=None, max_new_tokens=EVAL_NEW_TOKENS, batch_size=32, progress=False,
+                        overwrite=opts.overwrite, **more)
+
+
+# ----- the jobs: top-level functions, so that worker processes can run them -----
+
+def _init_worker(threads: int) -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    warnings.simplefilter("ignore", FutureWarning)  # the libraries' deprecation notes, once per worker: not actionable
+
+
+def _fisher_job(base_dir: Path, opts: DemoOptions, mask_dir: Path) -> None:
+    from ..models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(str(base_dir), progress=lambda s: None)
+    mask_cfg = AGLConfig(**opts.mask)
+    kinds = ("contrastive",) if opts.contrastive else (("kfac",) if mask_cfg.basis == "kfac" else ("diagonal",))
+    stats = pipeline.estimate_stats(model, tokenizer, ATTN, kinds=kinds, max_examples=opts.fisher_examples,
+                                    progress=False)
+    pipeline.build_mask(stats, mask_cfg, model, mask_dir, contrastive=opts.contrastive)
+
+
+def _base_job(base_dir: Path, opts: DemoOptions) -> None:
+    from ..drift.runner import run_drift
+
+    run_drift(_drift_options(base_dir, base_judged_dir(base_dir, opts.max_eval), {}, opts, plots=False),
+              log_fn=lambda s: None)
+
+
+def _finetune_job(base_dir: Path, opts: DemoOptions, name: str, rows: list[dict], held: list[dict],
+                  spec: FinetuneSpec) -> dict:
+    """Fine-tune (unless its record exists) and judge the adapter on the held-out prompts, reusing the base's rows."""
+    from ..drift.runner import run_drift
+
+    record = opts.out / "adapters" / f"{name}.json"
+    if not opts.overwrite and record.exists():
+        result = json.loads(record.read_text(encoding="utf-8"))
+    else:
+        res = pipeline.finetune(str(base_dir), rows, held, spec, opts.out / "adapters", name, progress=False,
+                                step_log=lambda line: opts.log(f"      [{name}] {line}"))
+        result = res.__dict__
+        atomic_write_bytes(record, json.dumps(result, indent=1).encode("utf-8"))
+    run_drift(_drift_options(base_dir, opts.out / "drift-runs" / name, {name: result["adapter"]}, opts, plots=False,
+                             reuse=[str(base_judged_dir(base_dir, opts.max_eval))]), log_fn=lambda s: None)
+    return result
+
+
+class _Inline:
+    """An executor that runs each job at submit time, in this process (one worker)."""
+
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as err:  # noqa: BLE001 - handed to the caller through the future, like a pool would
+            future.set_exception(err)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
-    """Run every stage (reusing finished ones unless opts.overwrite) and return the summary (also written)."""
+    """Run every stage (reusing finished ones unless opts.overwrite) and return the summary (also written).
+
+    With opts.workers ≥ 2 the stages run in worker processes of opts.threads threads each, as soon as what they
+    need is there: the Fisher mask and the base's evaluation first, then each fine-tune with its evaluation."""
     from peft import PeftModel  # noqa: F401  (fail early, before any long stage, if peft is missing)
 
-    from ..drift.runner import DriftOptions, run_drift
+    from ..drift.runner import run_drift
     from ..models import load_model_and_tokenizer
 
     if opts.task not in TASKS:
         raise ValueError(f"task={opts.task!r} is not a demo task; choose one of {sorted(TASKS)}.")
+    workers = opts.workers or default_workers()
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
     check_settings(opts)
     start, n = time.perf_counter(), 5
-    t = _stage(opts, 1, n, "aligned base (SmolLM2-135M-Instruct + the shipped refusal adapter, merged; cached)")
+    _stage(opts, 1, n, "aligned base (SmolLM2-135M-Instruct + the shipped refusal adapter, merged; cached)")
     base_dir = align.ensure_aligned_base(progress=opts.log)
     model, tokenizer = load_model_and_tokenizer(str(base_dir), progress=lambda s: None)
-    timings = {"aligned base": time.perf_counter() - t}
-
-    t = _stage(opts, 2, n, "Fisher statistics on alignment-v1's fisher split (disjoint from every evaluation prompt)")
-    mask_cfg = AGLConfig(**opts.mask)
-    mask_dir = out / "mask"
-    if opts.overwrite or not (mask_dir / "mask.safetensors").exists():
-        check_disjoint([r["prompt"] for r in pipeline.fisher_records()], [r["prompt"] for r in eval_records()],
-                       "Fisher")
-        kinds = ("contrastive",) if opts.contrastive else (("kfac",) if mask_cfg.basis == "kfac" else ("diagonal",))
-        stats = pipeline.estimate_stats(model, tokenizer, ATTN, kinds=kinds, max_examples=opts.fisher_examples)
-        pipeline.build_mask(stats, mask_cfg, model, mask_dir, contrastive=opts.contrastive)
-        del stats
-    timings["fisher mask"] = time.perf_counter() - t
-
+    check_disjoint([r["prompt"] for r in pipeline.fisher_records()], [r["prompt"] for r in eval_records()], "Fisher")
     rows, held = task_rows(opts.task, model, tokenizer, out)
     rows = rows[:opts.max_train] if opts.max_train else rows
     base_loss = mean_nll(model, tokenizer, held)  # the aligned base on the held-out task rows
     del model
+    timings = {"aligned base": time.perf_counter() - start}
     spec_args = {**TASKS[opts.task]["spec"], **opts.spec}
-    results = {}
-    for i, (name, agl) in enumerate((("plain", None), ("agl", _agl_config(opts, mask_dir))), start=3):
-        what = "plain LoRA" if agl is None else "LoRA + AGL (same data, seed, steps)"
-        t = _stage(opts, i, n, f"{what} on the '{opts.task}' task: {len(rows)} examples, "
-                                f"{spec_args['epochs']:g} epochs, lr {spec_args['lr']:g}")
-        record = out / "adapters" / f"{name}.json"
-        if not opts.overwrite and record.exists():
-            results[name] = json.loads(record.read_text(encoding="utf-8"))
-        else:
-            spec = FinetuneSpec(seed=opts.seed, agl=agl, **spec_args)
-            res = pipeline.finetune(str(base_dir), rows, held, spec, out / "adapters", name, progress=True)
-            results[name] = res.__dict__
-            atomic_write_bytes(record, json.dumps(res.__dict__, indent=1).encode("utf-8"))
-        timings[name] = time.perf_counter() - t
-        opts.log(f"      held-out task loss {results[name]['task_loss']:.4f}")
+    mask_dir = out / "mask"
+    specs = {"plain": FinetuneSpec(seed=opts.seed, agl=None, **spec_args),
+             "agl": FinetuneSpec(seed=opts.seed, agl=_agl_config(opts, mask_dir), **spec_args)}
+    what = {"fisher": (2, "Fisher mask from alignment-v1's fisher split (disjoint from every evaluation prompt)"),
+            "base": (3, "DriftCheck of the aligned base on the held-out prompts (kept with the cached base)"),
+            "plain": (4, f"plain LoRA on '{opts.task}': {len(rows)} examples, {spec_args['epochs']:g} epochs, "
+                         f"lr {spec_args['lr']:g}; then DriftCheck"),
+            "agl": (5, "LoRA + AGL (same data, seed, steps); then DriftCheck")}
+    opts.log(f"      {workers} worker process{'es' if workers > 1 else ''} of {opts.threads or 1} thread(s)"
+             if workers > 1 else "      one process")
+    pool: Any = _Inline()
+    if workers > 1:
+        import multiprocessing
 
-    t = _stage(opts, 5, n, "DriftCheck: refusal and over-refusal on held-out prompts (base, plain, agl)")
-    report = run_drift(DriftOptions(
-        model=str(base_dir), out=str(out / "drift"), adapters={k: v["adapter"] for k, v in results.items()},
-        max_prompts=opts.max_eval, max_generations=None, max_new_tokens=EVAL_NEW_TOKENS, batch_size=32,
-        compare={"agl": "agl", "plain": "plain"}, mask=str(mask_dir), overwrite=opts.overwrite), log_fn=opts.log)
-    timings["driftcheck"] = time.perf_counter() - t
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(opts.threads or 1,))
+    running: dict[Future, tuple[str, float]] = {}
+    done: set[str] = set()
+    results: dict[str, dict] = {}
+
+    job_opts = replace(opts, log=print) if workers > 1 else opts  # what a worker process gets (picklable)
+
+    def submit(job: str, fn: Callable, *args: Any) -> None:
+        i, text = what[job]
+        running[pool.submit(fn, *args)] = (job, _stage(opts, i, n, text))
+
+    try:
+        need_mask = opts.overwrite or not (mask_dir / "mask.safetensors").exists()
+        if need_mask:
+            submit("fisher", _fisher_job, base_dir, job_opts, mask_dir)
+        else:
+            done.add("fisher")
+        submit("base", _base_job, base_dir, job_opts)
+        while running or len(results) < 2:
+            for job in ("plain", "agl"):  # each fine-tune as soon as what it needs is there
+                needs = {"base"} | ({"fisher"} if job == "agl" else set())
+                if job not in results and job not in (j for j, _ in running.values()) and needs <= done:
+                    submit(job, _finetune_job, base_dir, job_opts, job, rows, held, specs[job])
+            if not running:
+                break
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                job, t = running.pop(future)
+                value = future.result()  # a job's error stops the demo here, with its own message
+                timings[{"fisher": "fisher mask", "base": "base judged"}.get(job, job)] = time.perf_counter() - t
+                done.add(job)
+                if job in ("plain", "agl"):
+                    results[job] = value
+                    opts.log(f"      {job}: held-out task loss {value['task_loss']:.4f} "
+                             f"({(time.perf_counter() - t) / 60:.1f} min)")
+                else:
+                    opts.log(f"      {job}: done ({(time.perf_counter() - t) / 60:.1f} min)")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    t = time.perf_counter()
+    reuse = [str(base_judged_dir(base_dir, opts.max_eval))] + [str(out / "drift-runs" / k) for k in results]
+    report = run_drift(_drift_options(base_dir, out / "drift", {k: v["adapter"] for k, v in results.items()}, opts,
+                                      compare={"agl": "agl", "plain": "plain"}, mask=str(mask_dir), reuse=reuse),
+                       log_fn=lambda s: None)
+    timings["report"] = time.perf_counter() - t
     summary = summarise(report, results, base_loss, opts, timings, time.perf_counter() - start)
     atomic_write_bytes(out / "demo.json", json.dumps(summary, indent=1).encode("utf-8"))
     atomic_write_bytes(out / "demo.md", (summary["table"] + "\n").encode("utf-8"))

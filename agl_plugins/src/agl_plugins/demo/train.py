@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -60,11 +60,13 @@ def steps_for(n_rows: int, spec: FinetuneSpec) -> int:
 
 
 def lora_finetune(model: Any, tokenizer: Any, rows: list[dict], spec: FinetuneSpec, out_dir: str,
-                  *, log_every: int = 10, progress: bool = True) -> tuple[Any, list[dict]]:
+                  *, log_every: int = 10, progress: bool = True,
+                  step_log: Optional[Callable[[str], None]] = None) -> tuple[Any, list[dict]]:
     """Train a fresh LoRA adapter on `rows` ({prompt, response}); returns (PeftModel, trainer log history).
 
     With `spec.agl` set, AGL is attached to the same Trainer by `agl_plugins.attach` — the only difference from
-    the plain run, which uses the same data order, seed, initialisation and number of steps.
+    the plain run, which uses the same data order, seed, initialisation and number of steps. `step_log` gets a
+    line per logging step instead of a progress bar (for fine-tunes running side by side in worker processes).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
@@ -82,11 +84,17 @@ def lora_finetune(model: Any, tokenizer: Any, rows: list[dict], spec: FinetuneSp
         dataloader_num_workers=0, weight_decay=0.0, train_sampling_strategy="group_by_length",  # less padding
         **spec.extra,
     )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=data, data_collator=PadCollator(pad_id(tokenizer), spec.max_length))
+    trainer = Trainer(model=peft_model, args=args, train_dataset=data, processing_class=tokenizer,
+                      data_collator=PadCollator(pad_id(tokenizer), spec.max_length))
     if spec.agl is not None:
         from .. import attach
 
         attach(trainer, spec.agl)
+    if step_log is not None:  # one line per logging step instead of the Trainer's printed dicts
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(step_lines_callback(step_log))
     trainer.train()
     peft_model.eval()
     return peft_model, list(trainer.state.log_history)
@@ -103,3 +111,21 @@ def mean_nll(model: Any, tokenizer: Any, rows: list[dict], *, max_length: int = 
     if not counts.sum():
         raise ValueError(f"No held-out example keeps a response token within max_length={max_length}.")
     return float((per_example * counts).sum() / counts.sum())
+
+
+def step_lines_callback(emit: Callable[[str], None]) -> Any:
+    """A TrainerCallback that reports each logging step as one line: 'step 20/75 loss 0.412 (1.3 min)'."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepLines(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.t0 = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs and "loss" in logs:
+                emit(f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.3f} "
+                     f"({(time.perf_counter() - self.t0) / 60:.1f} min)")
+
+    return StepLines()

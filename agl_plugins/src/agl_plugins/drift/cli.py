@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser, pm: Any) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="Discard results in --out from a run with other settings.")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="Skip the PNG plots.")
+    parser.add_argument("--reuse", action="append", default=[], metavar="FOLDER", help="An earlier DriftCheck --out "
+                        "folder (repeatable): its rows for the same base weights, prompts, judges and generation "
+                        "settings — the base, and adapters with identical files — are copied, not evaluated again.")
 
 
 def parse_compare(items: Optional[list[str]]) -> Optional[dict[str, str]]:
@@ -103,7 +106,7 @@ def options(args: argparse.Namespace) -> DriftOptions:
         compare=parse_compare(args.compare), mask=args.mask, use_chat_template=args.use_chat_template,
         device=args.device, overwrite=args.overwrite, resamples=args.resamples, seed=args.seed,
         prompt_column=args.prompt_column, label_column=args.label_column, default_label=args.default_label,
-        plots=args.plots, threads=args.threads,
+        plots=args.plots, threads=args.threads, reuse=args.reuse,
     )
 
 

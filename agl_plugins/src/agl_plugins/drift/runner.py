@@ -15,7 +15,7 @@ from .loading import BASE, active, adapter_digest, adapter_shapes, attach_adapte
 from .metrics import check_roles
 from .overlap import find_masks, overlap_warning
 from .promptsets import DEFAULT_PROMPTS, load_eval_prompts
-from .store import ResultStore
+from .store import ResultStore, reusable_rows
 
 log = logging.getLogger("agl_plugins.drift")
 
@@ -47,6 +47,7 @@ class DriftOptions:
     progress: bool = True
     plots: bool = True
     threads: Optional[int] = None  # torch CPU threads; 1 avoids oversubscription on a busy shared machine
+    reuse: Sequence[str] = ()  # earlier DriftCheck folders whose rows this run would compute identically: not redone
 
     def check(self) -> None:
         for key, lo in (("max_prompts", 1), ("max_generations", 1), ("max_new_tokens", 1), ("batch_size", 1),
@@ -54,6 +55,9 @@ class DriftOptions:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < lo):
                 raise ValueError(f"{key}={value!r} is invalid: must be an integer ≥ {lo}.")
+        for folder in self.reuse:
+            if Path(folder).expanduser().resolve() == Path(self.out).expanduser().resolve():
+                raise ValueError(f"--reuse {folder} is the --out folder itself; give another DriftCheck folder.")
         for name, folder in self.adapters.items():
             check_name(name)
             read_adapter_config(name, folder)
@@ -217,6 +221,10 @@ def run_drift(opts: Optional[DriftOptions] = None, *, pm: Any = None, log_fn: Ca
         notes += [note] if note else []
     model_dir = resolve_model_dir(opts.model, log_fn)
     store = ResultStore(opts.out, run_settings(opts, str(model_dir), records, judges), overwrite=opts.overwrite)
+    for folder in opts.reuse:
+        rows, line = reusable_rows(folder, store.settings, BASE)
+        store.append(rows)
+        log_fn(f"DriftCheck: {line}")
     names = [BASE, *opts.adapters]
     n_gen = len(records) if opts.max_generations is None else min(opts.max_generations, len(records))
     if _pending(store, names, records, judges, n_gen):

@@ -126,3 +126,33 @@ def load_run(out: Any) -> dict:
     if not isinstance(run, dict) or run.get("format") != RUN_FORMAT or not isinstance(run.get("settings"), dict):
         raise ValueError(f"{str(file)!r} is not a DriftCheck run file; use another --out folder.")
     return run
+
+
+# What every row of a run depends on besides its model and judge: rows of another folder are reusable only if these agree.
+SHARED_SETTINGS = ("model_dir", "prompts", "max_new_tokens", "chat_template")
+
+
+def reusable_rows(folder: Any, settings: dict, base: str) -> tuple[list[dict], str]:
+    """Rows of an earlier DriftCheck folder that this run (`settings`) would compute identically, and a line saying
+    what was reused or why nothing was: the same base weights, prompt sample, generation settings; per judge the
+    same judge settings; per model the base (`base`) or an adapter with the same name and the same file digest."""
+    old = load_run(folder)["settings"]
+    differ = [k for k in SHARED_SETTINGS if old.get(k) != settings.get(k)]
+    if differ:
+        return [], f"{str(folder)!r}: nothing reused ({', '.join(differ)} differ)"
+    judges = {j for j, s in settings.get("judges", {}).items() if old.get("judges", {}).get(j) == s}
+    models = {base} | {n for n, a in settings.get("adapters", {}).items()
+                       if old.get("adapters", {}).get(n, {}).get("sha256") == a.get("sha256")}
+    results = Path(folder).expanduser() / RESULTS_FILE
+    rows = []
+    if results.is_file():
+        data = results.read_bytes()
+        for line in data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a damaged line is simply not reused; this run evaluates that prompt itself
+            if isinstance(row, dict) and row.get("model") in models and row.get("judge") in judges:
+                rows.append(row)
+    names = sorted({r["model"] for r in rows})
+    return rows, f"{str(folder)!r}: reused {len(rows)} rows of {', '.join(names) or 'no model'}"
