@@ -45,6 +45,8 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "input-only-1e3": (CONTRAST4, dict(FULL, lambda_a=1e3, lambda_t=0.0)),  # no task regulariser: only L_A + collision
     "rho-0.1pct": (dict(COORD, rho=0.001), FULL),
     "rho-5pct": (dict(COORD, rho=0.05), FULL),
+    # no AGL training: the same seed's plain adapter projected off the default basis' protected input directions
+    "projected": (CONTRAST4, None),
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)
 
@@ -146,6 +148,10 @@ def run(args: argparse.Namespace, pm: Any) -> int:
             for variant in args.variants:
                 if (task, seed, variant) in done:
                     continue
+                if variant == "projected":
+                    _append(results_path, projected_row(out, task, seed, masks[mask_key(VARIANTS[variant][0])],
+                                                        str(base_dir), tok, held, records))
+                    continue
                 agl = AGLConfig(enabled=False, **probe) if probe else None  # plain LoRA: only the probe, if asked
                 if VARIANTS[variant] is not None:
                     mset, aset = VARIANTS[variant]
@@ -168,6 +174,32 @@ def run(args: argparse.Namespace, pm: Any) -> int:
     write_summary(out, records)
     print((out / "results.md").read_text(encoding="utf-8"))
     return 0
+
+
+def projected_row(out: Path, task: str, seed: int, mask: Path, base_dir: str, tok: Any, held: list[dict],
+                  records: list[dict]) -> dict:
+    """The 'projected' variant: this seed's plain adapter with its update removed on the mask's input directions."""
+    from peft import PeftModel
+
+    from ..models import load_model_and_tokenizer
+    from ..project import project_adapter_dir
+    from . import pipeline
+    from .train import mean_nll
+
+    plain = out / "adapters" / task / str(seed) / "plain"
+    if not plain.is_dir():
+        raise ValueError(f"Variant 'projected' starts from the plain adapter of seed {seed} ({plain}), which is not "
+                         "there: list 'plain' before 'projected' in --variants.")
+    t0 = time.perf_counter()
+    info = project_adapter_dir(plain, mask, out / "adapters" / task / str(seed) / "projected", overwrite=True)
+    fresh, _ = load_model_and_tokenizer(base_dir, progress=lambda s: None)
+    tuned = PeftModel.from_pretrained(fresh, info["out"]).eval()
+    task_loss = mean_nll(tuned, tok, held)
+    rr = pipeline.refusal_rates(tuned, tok, records)
+    return {"task": task, "seed": seed, "variant": "projected", "task_loss": task_loss, "train_loss": None,
+            "refusal": rr["unsafe"], "overrefusal": rr["safe"], "scores": rr["scores"],
+            "train_s": time.perf_counter() - t0, "agl": None, "metrics": {"projected_modules": info["projected_modules"]},
+            "forgetting": None}
 
 
 def _read(path: Path) -> list[dict]:
