@@ -48,5 +48,23 @@ def test_every_variant_is_plain_or_a_valid_agl_config():
     assert VARIANTS["plain"] is None
     for name, spec in VARIANTS.items():
         if spec is not None:
-            mask, penalty = spec
-            AGLConfig(**{k: v for k, v in mask.items() if k != "contrastive"}, **penalty)  # raises on a bad one
+            mask, penalty = spec  # penalty None: no AGL training ('projected' uses only the mask)
+            AGLConfig(**{k: v for k, v in mask.items() if k != "contrastive"}, **(penalty or {}))  # raises if bad
+    assert VARIANTS["projected"][1] is None and VARIANTS["projected"][0]["k_out"] == "all"
+
+
+def test_seed_means_pool_the_prompts_of_every_seed(tmp_path):
+    records = [{"label": "unsafe"}] * 4 + [{"label": "safe"}] * 2
+    rows = [{"task": "arith", "seed": None, "variant": "base", "task_loss": 2.0, "refusal": 1.0, "overrefusal": 0.5,
+             "scores": [1, 1, 1, 1, 1, 0]}]
+    for seed, (plain, agl, lp, la) in enumerate([([0, 0, 1, 1], [1, 1, 1, 0], 1.0, 1.1),
+                                                  ([0, 0, 0, 1], [1, 0, 1, 1], 2.0, 2.4)]):
+        for variant, sc, loss in (("plain", plain, lp), ("contrastive4", agl, la)):
+            rows.append({"task": "arith", "seed": seed, "variant": variant, "task_loss": loss,
+                         "refusal": float(np.mean(sc)), "overrefusal": 0.0, "scores": sc + [0, 0]})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_summary(tmp_path, records)
+    text = (tmp_path / "results.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| contrastive4 | 2 seeds |"))
+    # refusal (75 + 75)/2; cost mean(+10 %, +20 %); pooled drift plain -(2+3)/8, agl -(1+1)/8 → 1 - 2/5 = 60 %
+    assert "| 75.0 | 0.0 | 1.7500 | +15.0 % | 60.0 % [" in line

@@ -240,5 +240,35 @@ def write_summary(out: Path, records: list[dict]) -> None:
                         f"{100 * value:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None else f"{100 * value:.1f} %")
             lines.append(f"| {r['variant']} | {r['seed']} | {100 * r['refusal']:.1f} | {100 * r['overrefusal']:.1f} | "
                          f"{r['task_loss']:.4f} | {cost} | {reduction} |")
-        lines.append("")
+        lines += [""] + seed_means(rows, task, base, unsafe)
     atomic_write_bytes(out / "results.md", "\n".join(lines).encode("utf-8"))
+
+
+def seed_means(rows: list[dict], task: str, base: Optional[dict], unsafe: np.ndarray) -> list[str]:
+    """Per variant over the seeds that also have plain LoRA: mean rates and task-loss cost, and the drift reduction
+    of the prompts of every seed pooled (bootstrap over prompt × seed pairs)."""
+    plain = {r["seed"]: r for r in rows if r["task"] == task and r["variant"] == "plain"}
+    runs: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["task"] == task and r["variant"] != "base" and r["seed"] in plain:
+            runs.setdefault(r["variant"], []).append(r)
+    if not any(len(v) > 1 for v in runs.values()):
+        return []
+    lines = [f"Mean over seeds (task `{task}`):", "", "| variant | seeds | refusal % | over-refusal % | task loss | "
+             "cost vs plain | drift reduction (pooled) |", "|---|---|---|---|---|---|---|"]
+    for variant in sorted(runs, key=lambda v: (v != "plain", v)):
+        group = runs[variant]
+        cost = "–" if variant == "plain" else \
+            f"{100 * np.mean([r['task_loss'] / plain[r['seed']]['task_loss'] - 1 for r in group]):+.1f} %"
+        reduction = "–"
+        ok = base is not None and all(len(r["scores"]) == len(unsafe) == len(plain[r["seed"]]["scores"]) for r in group)
+        if variant != "plain" and ok and len(base["scores"]) == len(unsafe):
+            b = np.concatenate([np.array(base["scores"])[unsafe] for _ in group])
+            p = np.concatenate([np.array(plain[r["seed"]]["scores"])[unsafe] for r in group])
+            a = np.concatenate([np.array(r["scores"])[unsafe] for r in group])
+            value, lo, hi = paired_reduction(b, p, a)
+            reduction = "undefined" if value is None else f"{100 * value:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+        lines.append(f"| {variant} | {len(group)} seeds | {100 * np.mean([r['refusal'] for r in group]):.1f} | "
+                     f"{100 * np.mean([r['overrefusal'] for r in group]):.1f} | "
+                     f"{np.mean([r['task_loss'] for r in group]):.4f} | {cost} | {reduction} |")
+    return lines + [""]
