@@ -5,7 +5,10 @@ steps of the same run (same model, same data stream). For each setting (r, targe
 median step time of both groups, their ratio, the median and spread of the paired ratios (step 2k over step
 2k+1), the callback's own work timed alone, and the peak-memory ratio (median per-step peak; see
 bench/common.py for how memory is measured). One Fisher (token estimator, 16 alignment-v1 examples, all
-linear layers) is estimated once; each setting's mask is its top-ρ (global budget) over its target modules.
+linear layers) is estimated once; each coordinate setting's mask is its top-ρ (global budget) over its target
+modules. The K-FAC setting (`r8-qkvo-kfac`) uses the demo's basis (agl_plugins.demo.run.MASK: basis=kfac,
+k_in=4, k_out=all, kfac_out_weight=g_diag, contrastive): K-FAC statistics of q,k,v,o on the same 16 examples
+against the input covariance of 16 safe alignment-v1 prompts.
 Run: python -m bench.overhead [--quick] [--steps N] [--settings r8-qkvo-1,...]
 """
 
@@ -27,6 +30,8 @@ QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = QKVO + ["gate_proj", "up_proj", "down_proj"]
 SETTINGS = {f"r{r}-{t}-{int(rho * 100)}": (r, QKVO if t == "qkvo" else ALL, rho)
             for r in (8, 64) for t in ("qkvo", "all") for rho in (0.01, 0.10)}
+SETTINGS["r8-qkvo-kfac"] = (8, QKVO, None)  # ρ unused: the demo's K-FAC basis (KFAC_MASK)
+KFAC_MASK = dict(basis="kfac", k_out="all", k_in=4, kfac_out_weight="g_diag")  # = agl_plugins.demo.run.MASK
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,18 +48,27 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def base_fisher(device):
-    """Token-estimator Fisher of every linear layer on 16 alignment-v1 examples with written responses."""
-    from agl_core import estimate_fisher, make_batches
+def base_fisher(device, kfac=False):
+    """Token-estimator Fisher of every linear layer on 16 alignment-v1 examples with written responses; with
+    `kfac`, also (K-FAC statistics of q,k,v,o on the same examples, input covariance of 16 safe prompts)."""
+    from agl_core import estimate_fisher, estimate_input_covariance, estimate_kfac, make_batches
     from agl_plugins import load_model_and_tokenizer
     from agl_plugins.prompts import alignment_v1
 
     model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
     model.to(device)
-    records = [r for r in alignment_v1().records("fisher") if r["response"]][:16]
+    all_records = alignment_v1().records("fisher")
+    records = [r for r in all_records if r["response"]][:16]
     batches = make_batches(records, tokenizer, batch_size=4, max_length=128)
     fisher = estimate_fisher(model, batches, target_modules=ALL, progress=False)
-    return {k: v.cpu() for k, v in fisher.items()}, model
+    fisher = {k: v.cpu() for k, v in fisher.items()}
+    if not kfac:
+        return fisher, None
+    stats = estimate_kfac(model, batches, target_modules=QKVO, progress=False)
+    safe = [{"prompt": r["prompt"], "response": ""} for r in all_records if r["label"] == "safe"][:16]
+    ref = estimate_input_covariance(model, make_batches(safe, tokenizer, batch_size=4, max_length=128),
+                                    target_modules=QKVO, progress=False)
+    return fisher, (stats, ref)
 
 
 def step_timer(agl, device):
@@ -83,7 +97,7 @@ def step_timer(agl, device):
     return Timer()
 
 
-def run_setting(name, fisher, args, device):
+def run_setting(name, fisher, kfac, args, device):
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -93,8 +107,13 @@ def run_setting(name, fisher, args, device):
 
     r, targets, rho = SETTINGS[name]
     model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
-    cfg = AGLConfig(rho=rho, target_modules=targets, lambda_t=0.1)
-    mask = FisherMask.from_fisher({k: v for k, v in fisher.items() if k.endswith(tuple(targets))}, cfg, model=model)
+    if rho is None:  # the demo's contrastive K-FAC basis
+        cfg = AGLConfig(**KFAC_MASK, target_modules=targets, lambda_t=0.1)
+        mask = FisherMask.from_fisher(kfac[0], cfg, model=model, reference=kfac[1])
+    else:
+        cfg = AGLConfig(rho=rho, target_modules=targets, lambda_t=0.1)
+        mask = FisherMask.from_fisher({k: v for k, v in fisher.items() if k.endswith(tuple(targets))}, cfg,
+                                      model=model)
     lora = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
     agl = AGLCallback(cfg, mask)
     timer = step_timer(agl, device)
@@ -144,8 +163,12 @@ def main() -> None:
     device = pick_device(args.device)
     print(f"# bench.overhead on {machine(device)}; memory: {memory_method(device)}; batch {args.batch}x{args.seq} "
           f"tokens, {args.steps} steps per setting ({args.skip} warm-up)")
-    fisher, _ = base_fisher(device)
-    rows = [run_setting(name, fisher, args, device) for name in args.settings.split(",")]
+    names = args.settings.split(",")
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
+    fisher, kfac = base_fisher(device, kfac=any(SETTINGS[n][2] is None for n in names))
+    rows = [run_setting(name, fisher, kfac, args, device) for name in names]
     worst = max(rows, key=lambda r: r["ratio"])
     print(f"largest ratio of medians: {worst['ratio']:.3f} ({worst['setting']}); target ≤ 1.02; "
           f"largest memory ratio {max(r['mem_ratio'] for r in rows):.3f}; target ≤ 1.05")

@@ -88,12 +88,13 @@ def test_all_modules_empty_gives_only_the_task_term():
     assert float(res.L_A.detach()) == 0.0 and float(res.L_T.detach()) > 0
 
 
-def test_cache_is_sixteen_bytes_per_coordinate_and_layout_is_consistent():
+def test_cache_is_28_bytes_per_coordinate_and_layout_is_consistent():
     model = model_with(torch.float32)
     pen = make_penalty(model, blocks(model), config(), chunk_size=50)
     (_, group), = pen._groups()
     assert isinstance(group, FusedCoordinates) and group.size == pen.num_protected
-    assert group.nbytes() == 16 * group.size
+    assert group.nbytes() == 28 * group.size  # 3 int32 indices + 4 float32 coefficients
+    assert group.m.dtype == torch.float32 and group.q.dtype == torch.float32
     assert group.cols.dtype == torch.int32 and group.perm.dtype == torch.int32
     covered = sorted((c.s0, c.s1) for c in group.row_chunks)
     assert covered[0][0] == 0 and covered[-1][1] == group.size

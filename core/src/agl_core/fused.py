@@ -6,24 +6,33 @@ Layout (built once per group, re-built when the LoRA weights change device or dt
   At_cat (ΣN_in, r)   the modules' Aᵀ stacked by rows, ordered by in size;
   the protected coordinates as one sparse CSR pattern of the block-diagonal (ΣN_out, ΣN_in) ΔW: module by
   module (B order), row-major inside a module, so rows ascend and each module is one contiguous run.
-Forward: ΔW_S = sampled_addmm(pattern, B_cat, At_catᵀ) (an SDDMM, cost |S|·r), then per-module sums of the
-coordinate terms (index_add_ over module ids, accumulated in float64). Backward: ∂/∂ΔW_S elementwise, then
-∂B_cat = G @ At_cat with G the CSR matrix of those values, and ∂At_cat = Gᵀ @ B_cat through a second,
-column-ordered CSR copy of the pattern. Everything runs in chunks of whole rows (columns) of ≈ `chunk`
-coordinates: the working set is O(chunk · r); the cache is 16 bytes per protected coordinate (column,
-Fisher value, column-order permutation and row) plus 4 bytes of saved ΔW_S during a step; nothing of size
+Static per-coordinate coefficients are computed once per layout (float64, stored in the compute dtype):
+m, m(1−m), F̂m² and m(1−m)/|S_k|. Forward: ΔW_S = sampled_addmm(pattern, B_cat, At_catᵀ) (an SDDMM, cost
+|S|·r); the terms are products of ΔW_S² with those coefficients; per-module sums (Σ m d², Σ m(1−m) d²) by
+segment_reduce over each chunk's module runs, in float64. Backward: ∂/∂ΔW_S as one expression evaluated
+in place (per-module gradients broadcast over the module runs), then ∂B_cat = G @ At_cat with G the CSR
+matrix of those values, and ∂At_cat = Gᵀ @ B_cat through a second, column-ordered CSR copy of the pattern.
+Everything runs in chunks of whole rows (columns) of ≈ `chunk` coordinates (default 2¹⁶ on a CPU, where a
+chunk's temporaries then stay in cache, 2²⁰ on other devices): the working set is O(chunk · r). The cache is
+28 bytes per protected coordinate in float32 (int32 column, column-order permutation and row; four
+coefficients), plus 8 bytes (ΔW_S and σ(|ΔW_S| − τ)) kept between forward and backward; nothing of size
 out × in is ever built.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
 
-DEFAULT_CHUNK = 1 << 20  # coordinates per chunk of the fused path
+DEFAULT_CHUNK = 1 << 20  # coordinates per chunk of the fused path on a GPU (or any non-CPU device)
+CPU_CHUNK = 1 << 16  # on a CPU: 2¹⁶ float32 temporaries stay in cache (measured in docs/performance.md)
+
+
+def default_chunk(device: torch.device) -> int:
+    return CPU_CHUNK if torch.device(device).type == "cpu" else DEFAULT_CHUNK
 
 # Outputs of the fused function, sums over S of a coefficient times ΔW_j²:
 #   per module (n, 2):  Σ m d² and Σ m(1−m) d²  (‖ΔW_A‖² = Σm d² − Σm(1−m) d², ‖ΔW‖² − ‖ΔW_T‖² = Σm d² + Σm(1−m) d²)
@@ -31,7 +40,8 @@ DEFAULT_CHUNK = 1 << 20  # coordinates per chunk of the fused path
 #   detail (n, 3):      the global three per module, only when asked for (diagnostics, not differentiable)
 class GroupTerms(NamedTuple):
     """One group's terms: L_A, E_rie, on_support summed over the group (0-dim); the rest per module (n,),
-    in member order. `detail` is None, or (n, 3) per-module [L_A, E_rie, on_support] (detached)."""
+    in member order, except max_abs_dw_s: per module with `detail`, else (1,), the group's maximum.
+    `detail` is None, or (n, 3) per-module [L_A, E_rie, on_support] (detached)."""
 
     L_A: torch.Tensor
     L_T: torch.Tensor
@@ -51,6 +61,7 @@ class _RowChunk(NamedTuple):
     crow: torch.Tensor  # (r1 − r0 + 1,) CSR row pointers of the chunk, from 0
     modules: torch.Tensor  # (k,) B-order ids of the modules the chunk touches
     counts: torch.Tensor  # (k,) coordinates of each of them inside the chunk
+    runs: tuple  # (k + 1,) Python ints: where each module's run starts inside the chunk, then c
 
 
 class _ColChunk(NamedTuple):
@@ -67,75 +78,98 @@ def _csr(pointers: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, sh
         return torch.sparse_csr_tensor(pointers, indices, values, shape, check_invariants=False)
 
 
-def _coefficients(layout: "FusedCoordinates", ch: _RowChunk, dtype: torch.dtype):
-    """(module id (c,), F̂ (c,), m (c,), 1/max(|S_k|, 1) (c,)) of the chunk's coordinates."""
-    seg = torch.repeat_interleave(ch.modules, ch.counts, output_size=ch.s1 - ch.s0)  # (c,)
-    f = layout.fisher[ch.s0:ch.s1].to(dtype)
-    m = torch.ones_like(f) if layout.hard else f / (f + layout.kappa.index_select(0, seg))
-    return seg, f * layout.inv_norm.index_select(0, seg), m, layout.inv_size.index_select(0, seg)
+def _run_sums(ch: _RowChunk, values: torch.Tensor) -> torch.Tensor:
+    """Sums of `values` (j, c) over each module's run inside the chunk, as (k, j) float64.
+
+    On a CPU one cascade sum per run (a Python loop over the chunk's runs: the loop costs less than
+    segment_reduce's sequential kernel and keeps sums accurate); elsewhere one float64 segment_reduce.
+    """
+    if values.device.type == "cpu":
+        runs = ch.runs
+        return torch.stack([values[:, a:b].sum(1) for a, b in zip(runs, runs[1:])]).to(torch.float64)
+    return torch.segment_reduce(values.t().to(torch.float64), "sum", lengths=ch.counts, axis=0)
 
 
-def _segment_add(out: torch.Tensor, seg: torch.Tensor, values: torch.Tensor) -> None:
-    out.index_add_(0, seg, values.to(out.dtype))  # float64 accumulator: index_add_ adds in sequence
+def _run_max(ch: _RowChunk, values: torch.Tensor) -> torch.Tensor:
+    """Maxima of `values` (c,) ≥ 0 over each module's run inside the chunk (k,); 0 for an empty run."""
+    return torch.segment_reduce(values, "max", lengths=ch.counts, axis=0, unsafe=True, initial=0)
+
+
+def _broadcast(ch: _RowChunk, per_module: torch.Tensor) -> torch.Tensor:
+    """(c,) per-coordinate copy of per-module values (n,) over the chunk's module runs."""
+    return torch.repeat_interleave(per_module.index_select(0, ch.modules), ch.counts, output_size=ch.s1 - ch.s0)
 
 
 class _FusedSums(torch.autograd.Function):
-    """(per (n, 2), glob (3,), detail (n, 3), max_S |ΔW| (n,)) of a group from B_cat and At_cat (see above)."""
+    """(per (n, 2), glob (3,), detail (n, 3), max_S |ΔW| (n,) or (1,)) of a group from B_cat and At_cat.
+
+    The static coefficients (m, m(1−m), F̂m², m(1−m)/|S_k|) come from the layout's cache; ΔW_S and the
+    logistic σ(|ΔW_S| − τ) of every chunk are kept for backward (8 bytes per coordinate during a step).
+    """
 
     @staticmethod
     def forward(ctx, B, At, layout, beta, tau, detail):
         n, f64 = layout.n_modules, torch.float64
         per = torch.zeros(n, 2, dtype=f64, device=B.device)
-        glob = torch.zeros(3, dtype=f64, device=B.device)
-        more = torch.zeros(n, 3, dtype=f64, device=B.device) if detail else torch.zeros(0, 3, dtype=f64, device=B.device)
-        amax = torch.zeros(n, dtype=B.dtype, device=B.device)  # (n,)
-        d_all = torch.empty(layout.size, dtype=B.dtype, device=B.device)  # (|S|,)
+        more = torch.zeros(n if detail else 0, 3, dtype=f64, device=B.device)
+        amax = torch.zeros(n if detail else 1, dtype=B.dtype, device=B.device)
         zeros = torch.zeros(layout.max_chunk, dtype=B.dtype, device=B.device)
+        saved_d, saved_sig, glob_parts = [], [], []
+        buf = torch.empty(2, layout.max_chunk, dtype=B.dtype, device=B.device)  # per-module summands
         for ch in layout.row_chunks:
-            pattern = _csr(ch.crow, layout.cols[ch.s0:ch.s1], zeros[:ch.s1 - ch.s0], (ch.r1 - ch.r0, At.shape[0]))
-            d = torch.sparse.sampled_addmm(pattern, B[ch.r0:ch.r1], At.t(), beta=0.0).values()  # (c,)
-            d_all[ch.s0:ch.s1] = d
-            seg, fhat, m, inv_size = _coefficients(layout, ch, B.dtype)
+            c, sl = ch.s1 - ch.s0, slice(ch.s0, ch.s1)
+            pattern = _csr(ch.crow, layout.cols[sl], zeros[:c], (ch.r1 - ch.r0, At.shape[0]))
+            d = torch.sparse.sampled_addmm(pattern, B[ch.r0:ch.r1], At.t(), beta=0.0).values()  # (c,) ΔW_S
             d2 = d * d
-            md2 = m * d2  # m d²
-            mmd2 = md2 - m * md2  # m(1−m) d²
-            _segment_add(per[:, 0], seg, md2)
-            _segment_add(per[:, 1], seg, mmd2)
-            l_a = fhat * m * md2
-            e_rie = (1 + beta * torch.sigmoid(d.abs() - tau)) * inv_size * mmd2
-            glob += torch.stack([l_a.sum(dtype=f64), e_rie.sum(dtype=f64), d2.sum(dtype=f64)])
+            pair = buf[:, :c]
+            torch.mul(layout.m[sl], d2, out=pair[0])  # m d²
+            torch.mul(layout.mm[sl], d2, out=pair[1])  # m(1−m) d²
+            per.index_add_(0, ch.modules, _run_sums(ch, pair))
+            sig = d.abs()
             if detail:
-                for col, values in enumerate((l_a, e_rie, d2)):
-                    _segment_add(more[:, col], seg, values)
-            amax.scatter_reduce_(0, seg, d.abs(), "amax")
-        ctx.save_for_backward(B, At, d_all)
-        ctx.layout, ctx.beta, ctx.tau = layout, beta, tau
-        more, amax = more.to(B.dtype), amax
+                top = torch.maximum(amax.index_select(0, ch.modules), _run_max(ch, sig))
+                amax.index_copy_(0, ch.modules, top)  # a chunk lists each module once
+            else:
+                torch.maximum(amax, sig.amax(), out=amax)
+            sig = torch.sigmoid_(sig.sub_(tau))  # σ(|d| − τ)
+            w_d2 = layout.w[sl] * d2  # F̂ m² d²
+            q_d2 = layout.q[sl] * d2  # m(1−m) d² / |S_k|
+            rie = q_d2.addcmul_(q_d2, sig, value=beta)  # (1 + β σ) m(1−m) d² / |S_k|
+            glob_parts.append(torch.stack([w_d2.sum(), rie.sum(), d2.sum()]))  # cascade sums of ≤ one chunk
+            if detail:
+                more.index_add_(0, ch.modules, _run_sums(ch, torch.stack([w_d2, rie, d2])))
+            saved_d.append(d)
+            saved_sig.append(sig)
+        glob = torch.stack(glob_parts).to(f64).sum(0) if glob_parts else torch.zeros(3, dtype=f64, device=B.device)
+        ctx.save_for_backward(B, At)
+        ctx.saved_d, ctx.saved_sig = saved_d, saved_sig
+        ctx.layout, ctx.beta = layout, beta
+        more = more.to(B.dtype)
         ctx.mark_non_differentiable(more, amax)
         return per.to(B.dtype), glob.to(B.dtype), more, amax
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_per, grad_glob, _grad_more, _grad_amax):  # (n, 2), (3,)
-        B, At, d_all = ctx.saved_tensors
-        layout, beta, tau = ctx.layout, ctx.beta, ctx.tau
+        B, At = ctx.saved_tensors
+        layout, beta = ctx.layout, ctx.beta
         need_b, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_b = torch.zeros_like(B, memory_format=torch.contiguous_format) if need_b else None
-        gd_all = torch.empty_like(d_all)  # ∂total/∂ΔW_S (|S|,)
-        g_m, g_mm = grad_per[:, 0].contiguous(), grad_per[:, 1].contiguous()
+        gd_all = torch.empty(layout.size, dtype=B.dtype, device=B.device)  # ∂total/∂ΔW_S (|S|,)
+        g_m, g_mm = (2 * grad_per[:, 0]).contiguous(), (2 * grad_per[:, 1]).contiguous()
         g_la, g_rie, g_on = (float(v) for v in grad_glob.double().cpu())  # one sync per backward
-        for ch in layout.row_chunks:
-            d = d_all[ch.s0:ch.s1]
-            seg, fhat, m, inv_size = _coefficients(layout, ch, B.dtype)
-            mm = m - m * m
-            # ∂/∂d of Σ c d² is 2 c d; of Σ η(d) c d²: c (2 η d + β σ'(|d| − τ) sign(d) d²)
-            linear = g_la * fhat * m * m + g_on + g_m.index_select(0, seg) * m + g_mm.index_select(0, seg) * mm
-            sig = torch.sigmoid(d.abs() - tau)
-            gate = 2 * (1 + beta * sig) * d + beta * sig * (1 - sig) * torch.sign(d) * d * d
-            gd = 2 * d * linear + (g_rie * inv_size * mm) * gate  # (c,)
-            gd_all[ch.s0:ch.s1] = gd
+        for ch, d, sig in zip(layout.row_chunks, ctx.saved_d, ctx.saved_sig):
+            sl = slice(ch.s0, ch.s1)
+            # ∂/∂d of Σ c d² is 2 c d; of Σ (1 + β σ(|d| − τ)) q d²: q d (2 + 2βσ + βσ(1 − σ)|d|). So
+            # ∂/∂d = d · [2 g_la F̂m² + 2 g_on + 2 g_m,k m + 2 g_mm,k m(1−m) + g_rie q (2 + βσ(2 + (1 − σ)|d|))]
+            m, mm, q = layout.m[sl], layout.mm[sl], layout.q[sl]
+            gd = torch.mul(layout.w[sl], 2 * g_la, out=gd_all[sl])
+            gd.add_(q, alpha=2 * g_rie).add_(2 * g_on)
+            gd.addcmul_(_broadcast(ch, g_m), m).addcmul_(_broadcast(ch, g_mm), mm)
+            u = torch.rsub(sig, 1).mul_(d.abs()).add_(2).mul_(sig).mul_(q)  # q σ (2 + (1 − σ)|d|)
+            gd.add_(u, alpha=beta * g_rie).mul_(d)
             if need_b:  # rows of B_cat: G[r0:r1] @ At_cat
-                G = _csr(ch.crow, layout.cols[ch.s0:ch.s1], gd, (ch.r1 - ch.r0, At.shape[0]))
+                G = _csr(ch.crow, layout.cols[sl], gd, (ch.r1 - ch.r0, At.shape[0]))
                 grad_b[ch.r0:ch.r1] = G @ At
         grad_at = None
         if need_a:  # rows of At_cat: Gᵀ[c0:c1] @ B_cat, through the column-ordered pattern
@@ -155,7 +189,8 @@ class FusedCoordinates:
     """
 
     def __init__(self, members: Sequence[Any], device: torch.device, dtype: torch.dtype, split: str,
-                 chunk: int = DEFAULT_CHUNK) -> None:
+                 chunk: Optional[int] = None) -> None:
+        chunk = default_chunk(device) if chunk is None else chunk
         self.members, self.dtype, self.hard = list(members), dtype, split == "hard"
         shapes = [m.target.shape for m in self.members]  # (out, in)
         self.b_order = sorted(range(len(shapes)), key=lambda i: shapes[i][0])  # B-order: by out size
@@ -177,12 +212,9 @@ class FusedCoordinates:
         self.cols = cols.to(device, index_dtype)
         self.rows_by_col = rows[self.perm].to(device, index_dtype)
         self.perm = self.perm.to(device, index_dtype)
-        self.fisher = torch.cat([self.members[i].block.fisher.detach().cpu().float() for i in self.b_order]).to(device)
         blocks = [self.members[i].block for i in self.b_order]
         self.n_modules = len(blocks)
-        self.inv_norm, self.kappa, self.inv_size = (  # (n,) each, B-order
-            torch.tensor(v, dtype=torch.float64).to(device, dtype)
-            for v in zip(*[(1.0 / float(b.norm), float(b.kappa), 1.0 / max(b.size, 1)) for b in blocks]))
+        self.m, self.mm, self.w, self.q = _static_coefficients(blocks, self.hard, device, dtype)  # (|S|,) each
         scales = [float(self.members[i].target.scale) for i in self.b_order]
         self.scale: Any = scales[0] if len(set(scales)) == 1 else torch.tensor(
             [s for s, i in zip(scales, self.b_order) for _ in range(shapes[i][0])], dtype=torch.float64
@@ -215,13 +247,15 @@ class FusedCoordinates:
             hi = int(torch.searchsorted(ends, s1 - 1, right=True)) - 1  # module holding coordinate s1 − 1
             ids = torch.arange(lo, hi + 1)
             counts = ends[ids + 1].clamp(max=s1) - ends[ids].clamp(min=s0)
+            runs = tuple([0] + counts.cumsum(0).tolist())
             chunks.append(_RowChunk(r0, r1, s0, s1, (crow[r0:r1 + 1] - s0).to(device, index_dtype),
-                                    ids.to(device), counts.to(device)))
+                                    ids.to(device), counts.to(device), runs))
         return chunks
 
     def nbytes(self) -> int:
-        """Bytes of the per-coordinate cache (column, Fisher, column-order permutation and row)."""
-        return sum(t.numel() * t.element_size() for t in (self.cols, self.fisher, self.perm, self.rows_by_col))
+        """Bytes of the per-coordinate cache (column, column-order permutation and row; m, m(1−m), F̂m², q)."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.cols, self.perm, self.rows_by_col, self.m, self.mm, self.w, self.q))
 
     def __call__(self, beta: float, tau: float, eps: float, detail: bool = False) -> GroupTerms:
         targets = [m.target for m in self.members]
@@ -237,10 +271,22 @@ class FusedCoordinates:
         a_sq = s_m - s_mm  # ‖ΔW_A‖² = Σ m² d²
         e_geo = s_mm * s_mm / (a_sq * l_t + eps)
         back = self.member_to_b
-        vectors = (t.index_select(0, back) for t in (l_t, e_geo, dw_sq.detach(), amax))
-        l_t, e_geo, dw_sq, amax = vectors
+        l_t, e_geo, dw_sq = (t.index_select(0, back) for t in (l_t, e_geo, dw_sq.detach()))
+        amax = amax.index_select(0, back) if detail else amax
         return GroupTerms(glob[0], l_t, glob[1], e_geo, glob[2].detach(), dw_sq, amax,
                           more.index_select(0, back) if detail else None)
+
+
+def _static_coefficients(blocks: Sequence[Any], hard: bool, device: torch.device, dtype: torch.dtype):
+    """(m, m(1−m), F̂ m², m(1−m)/max(|S_k|, 1)), each (|S|,) in `dtype`, computed in float64 once per layout."""
+    parts = []
+    for b in blocks:
+        f = b.fisher.detach().to("cpu", torch.float64)  # (|S_k|,)
+        m = torch.ones_like(f) if hard else f / (f + float(b.kappa))
+        mm = m - m * m
+        parts.append(torch.stack([m, mm, f / float(b.norm) * m * m, mm / max(b.size, 1)]))  # (4, |S_k|)
+    table = torch.cat(parts, 1) if parts else torch.zeros(4, 0, dtype=torch.float64)
+    return tuple(row.to(device, dtype) for row in table)
 
 
 def _pointers(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:

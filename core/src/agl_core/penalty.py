@@ -12,7 +12,7 @@ from torch import nn
 
 from .binding import BoundModule, bind_targets, empty_block
 from .config import AGLConfig
-from .fused import DEFAULT_CHUNK, FusedCoordinates
+from .fused import CPU_CHUNK, DEFAULT_CHUNK, FusedCoordinates
 from .fused_kfac import FusedKFAC, kfac_key
 from .mask import EMPTY_KEY
 
@@ -70,12 +70,12 @@ class AGLPenalty:
     (check_fingerprint=False skips it, e.g. for synthetic masks). Tensors of the mask are cached on the LoRA weights' device
     (re-cached if the model moves). fp16/bf16 LoRA weights are computed in float32. Coordinate-basis
     modules are evaluated together, one fused group per device/dtype/rank (agl_core.fused), in chunks of
-    `chunk_size` protected coordinates; K-FAC-basis modules in one batched group per device/dtype/rank/shape
+    `chunk_size` protected coordinates (None: 2¹⁶ on a CPU, 2²⁰ on a GPU); K-FAC-basis modules in one batched group per device/dtype/rank/shape
     (agl_core.fused_kfac).
     """
 
     def __init__(self, model: nn.Module, mask: Any, config: Optional[AGLConfig] = None, *,
-                 chunk_size: int = DEFAULT_CHUNK, check_fingerprint: bool = True) -> None:
+                 chunk_size: Optional[int] = None, check_fingerprint: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (a PEFT LoRA model), got {type(model).__name__}.")
         if not isinstance(getattr(mask, "blocks", None), dict):
@@ -86,9 +86,11 @@ class AGLPenalty:
         config = mask.config if config is None else config
         if not isinstance(config, AGLConfig):
             raise ValueError(f"config must be an AGLConfig, got {type(config).__name__}.")
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                       or chunk_size < 1):
             raise ValueError(
-                f"chunk_size={chunk_size!r} is invalid: must be an integer ≥ 1 (default {DEFAULT_CHUNK})."
+                f"chunk_size={chunk_size!r} is invalid: must be an integer ≥ 1, or None for the default "
+                f"({CPU_CHUNK} on a CPU, {DEFAULT_CHUNK} on a GPU)."
             )
         self.config, self.mask, self.chunk_size = config, mask, chunk_size
         _warn_mask_settings(config, getattr(mask, "config", None))
