@@ -22,6 +22,9 @@ def main() -> int:
     mode.add_argument("--full", action="store_true", help="full sizes (32 7B-like layers, 30 steps per setting)")
     p.add_argument("--only", default=",".join(SCRIPTS), help=f"comma-separated subset of {SCRIPTS}")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads for every benchmark")
+    p.add_argument("--with-4k", action="store_true",
+                   help="also time one 7B-like layer's LoRA step on 4096 tokens against the penalty (bench.penalty "
+                        "section 7b4k; ~2 min more on one CPU core; a GPU run's 7b section already uses 4096 tokens)")
     p.add_argument("--out", default="out/bench", help="folder for the outputs (one .txt per benchmark)")
     args = p.parse_args()
     import torch
@@ -33,6 +36,8 @@ def main() -> int:
     for name in args.only.split(","):
         cmd = [sys.executable, "-m", f"bench.{name}"] + (["--quick"] if quick and name != "storage" else [])
         cmd += ["--threads", str(args.threads)] if args.threads and name != "storage" else []
+        if name == "penalty" and args.with_4k:
+            cmd += ["--sections", "smollm,dense,floor,7b,70b,scaling,7b4k"]
         print(f"\n=== {' '.join(cmd[1:])}  ({datetime.datetime.now():%Y-%m-%d %H:%M})", flush=True)
         start = time.perf_counter()
         path = os.path.join(args.out, f"{name}.txt")

@@ -166,6 +166,20 @@ def random_mask(shapes: dict[str, tuple[int, int]], rho: float, seed: int = 0, c
     return FisherMask(blocks=blocks, config=config or AGLConfig(rho=rho))
 
 
+def random_kfac_mask(shapes: dict[str, tuple[int, int]], k_in: int = 4, seed: int = 0):
+    """A FisherMask of the demo's K-FAC basis shape (k_out=all, k_in input directions): per module a random
+    orthonormal V (in, k_in), positive output weights μ (out,) and input energies λ (k_in,)."""
+    from agl_core import AGLConfig, FisherMask, KFACBlock
+
+    gen = torch.Generator().manual_seed(seed)
+    blocks, cfg = {}, AGLConfig(basis="kfac", k_in=k_in, k_out="all", kfac_out_weight="g_diag")
+    for name, (out_f, in_f) in shapes.items():
+        V = torch.linalg.qr(torch.randn(in_f, k_in, generator=gen, dtype=torch.float64)).Q.float()
+        mu, lam = torch.rand(out_f, generator=gen) + 0.1, torch.rand(k_in, generator=gen) * 3 + 0.05
+        blocks[name] = KFACBlock((out_f, in_f), None, V, mu, lam, 0.9, 0.005)
+    return FisherMask(blocks=blocks, config=cfg)
+
+
 def llama_layer_shapes(prefix: str, hidden: int, kv: int, inter: int) -> dict[str, tuple[int, int]]:
     """(out, in) of one Llama decoder layer's q,k,v,o,gate,up,down projections."""
     return {

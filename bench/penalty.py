@@ -14,8 +14,8 @@ import statistics
 
 import torch
 
-from bench.common import (PeakMemory, bare_model, fmt_bytes, llama_layer_shapes, machine,
-                          median_time, memory_method, pick_device, random_mask, sync)
+from bench.common import (PeakMemory, bare_model, fmt_bytes, llama_layer_shapes, machine, median_time,
+                          memory_method, pick_device, random_kfac_mask, random_mask, sync)
 
 
 def parse_args() -> argparse.Namespace:
@@ -25,7 +25,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--tokens", type=int, default=None, help="tokens of the LoRA-layer step (default 4096 on GPU, 256 on CPU)")
     p.add_argument("--layers", type=int, default=None, help="7B-like layers (default 32, --quick 4)")
-    p.add_argument("--sections", default="smollm,dense,7b,70b,scaling", help="comma-separated subset")
+    p.add_argument("--sections", default="smollm,dense,floor,7b,70b,scaling",
+                   help="comma-separated subset of smollm,dense,floor,7b,70b,scaling,7b4k (7b4k: one 7B-like layer against "
+                        "its LoRA step on 4096 tokens, whatever the device; ~2 min on one CPU core, so not in the "
+                        "default CPU run)")
     p.add_argument("--plot", default="docs/perf_scaling.png", help="log-log scaling plot ('' to skip)")
     return p.parse_args()
 
@@ -109,19 +112,28 @@ def lora_layer_time(out_f, in_f, r, tokens, device, repeats):
 # ---------------------------------------------------------------- sections
 
 def section_smollm(device, repeats):
-    """SmolLM2-135M shapes (30 layers, hidden 576, kv 192, MLP 1536): the before/after figure of the fused path."""
+    """SmolLM2-135M shapes (30 layers, hidden 576, kv 192, MLP 1536): the before/after figure of the fused path,
+    and the demo's K-FAC basis (k_in=4, k_out=all) on q,k,v,o."""
+    from agl_core import AGLConfig
+
     print("\n## SmolLM2-135M shapes, random factors: penalty + gradient per optimizer step")
     rows = []
-    for r, targets, rho in [(8, "qkvo", 0.01), (8, "all", 0.01), (64, "all", 0.10)]:
+    for r, targets, rho in [(8, "qkvo", 0.01), (8, "all", 0.01), (64, "all", 0.10), (8, "qkvo", "kfac")]:
         shapes = {}
         for i in range(30):
             layer = llama_layer_shapes(f"model.layers.{i}", 576, 192, 1536)
             shapes.update({k: v for k, v in layer.items() if targets == "all" or "self_attn" in k})
         model = bare_model(shapes, r, device)
-        run, pen = penalty_step(model, random_mask(shapes, rho), config(rho))
+        if rho == "kfac":
+            mask = random_kfac_mask(shapes, k_in=4)
+            cfg = AGLConfig(**{**mask.config.mask_settings(), "lambda_t": 0.1, "lambda_nc": 0.1})
+        else:
+            mask, cfg = random_mask(shapes, rho), config(rho)
+        run, pen = penalty_step(model, mask, cfg)
         t, mem = measure(run, device, repeats)
         rows.append((r, targets, rho, len(shapes), pen.num_protected, t, mem))
-        print(f"r={r:<3d} {targets:<4s} rho={rho:<5g} modules {len(shapes):4d} |S|={pen.num_protected:>11,d}  "
+        what = "kfac k_in=4 k_out=all" if rho == "kfac" else f"rho={rho:<5g}"
+        print(f"r={r:<3d} {targets:<4s} {what:<21s} modules {len(shapes):4d} |S|={pen.num_protected:>11,d}  "
               f"{t * 1e3:8.1f} ms  peak +{fmt_bytes(mem)}", flush=True)
     return rows
 
@@ -191,6 +203,46 @@ def available_bytes(device) -> float:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024.0
     return 0.0
+
+
+def section_floor(device, repeats):
+    """Where the time of a large coordinate support goes: the whole penalty + gradient against its three sparse
+    products alone (ΔW_S by SDDMM; ∂B = G·At; the column-order gather and ∂At = Gᵀ·B), per protected coordinate."""
+    from agl_core.fused import FusedCoordinates, _csr
+
+    print("\n## Per-coordinate cost at large supports (SmolLM2 shapes, all linear, rho=10 %)")
+    for r in (8, 64):
+        shapes = {}
+        for i in range(30):
+            shapes.update(llama_layer_shapes(f"model.layers.{i}", 576, 192, 1536))
+        model = bare_model(shapes, r, device)
+        run, pen = penalty_step(model, random_mask(shapes, 0.10), config(0.10))
+        (_, g), = [(i, g) for i, g in pen._groups() if isinstance(g, FusedCoordinates)]
+        targets = [m.target for m in g.members]
+        B = torch.cat([targets[i].B for i in g.b_order], 0).detach()
+        At = torch.cat([targets[i].A.t() for i in g.a_order], 0).detach()
+        values = torch.rand(g.size, device=device)
+
+        def products():
+            for ch in g.row_chunks:
+                cols = g.cols[ch.s0:ch.s1]
+                pattern = _csr(ch.crow, cols, values[ch.s0:ch.s1], (ch.r1 - ch.r0, At.shape[0]))
+                torch.sparse.sampled_addmm(pattern, B[ch.r0:ch.r1], At.t(), beta=0.0)
+                _ = pattern @ At
+            for ch in g.col_chunks:
+                vals = values.index_select(0, g.perm[ch.t0:ch.t1])
+                _ = _csr(ch.ccol, g.rows_by_col[ch.t0:ch.t1], vals, (ch.c1 - ch.c0, B.shape[0])) @ B
+
+        t_all, t_sparse = [], []
+        for _ in range(repeats):  # interleaved
+            t_all.append(median_time(run, device, repeats=1, warmup=0))
+            t_sparse.append(median_time(products, device, repeats=1, warmup=0))
+        ta, tsp = statistics.median(t_all), statistics.median(t_sparse)
+        n = pen.num_protected
+        print(f"r={r:<3d} |S|={n:>11,d}: penalty + gradient {ta * 1e3:7.1f} ms = {ta * 1e9 / n:5.1f} ns/coordinate; "
+              f"the three sparse products alone {tsp * 1e3:7.1f} ms = {tsp * 1e9 / n:5.1f} ns/coordinate "
+              f"({tsp / ta * 100:.0f} %); the rest (element-wise terms, Grams, Python) "
+              f"{(ta - tsp) * 1e9 / n:5.1f} ns/coordinate", flush=True)
 
 
 def section_scaling(device, repeats, plot):
@@ -269,6 +321,11 @@ def main() -> None:
     if "70b" in sections:
         section_model("Llama-70B-like (per layer)", llama_layer_shapes("L", 8192, 1024, 28672), 1, 16,
                       (1e-3, 1e-2), tokens, device, repeats)
+    if "floor" in sections:
+        section_floor(device, repeats)
+    if "7b4k" in sections:  # the issue's 4k-token batch measured on any device (the 7b section uses --tokens)
+        section_model("Llama-7B-like, 4096-token step", llama_layer_shapes("L", 4096, 4096, 11008), 1, 16,
+                      (1e-3, 1e-2), 4096, device, 4)
     if "scaling" in sections:
         section_scaling(device, repeats, args.plot)
     sync(device)

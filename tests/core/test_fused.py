@@ -46,6 +46,35 @@ def test_chunked_fused_path_matches_reference(chunk, split, budget):
         assert len(group.row_chunks) > 50 and len(group.col_chunks) > 50
 
 
+@pytest.mark.parametrize("detail", [False, True])
+@pytest.mark.parametrize("mode", ["segments", "broadcast"])
+def test_per_module_paths_match_reference(mode, detail):
+    """The per-module sums and broadcasts a GPU uses (float64 segment_reduce, repeat_interleave), forced on
+    the CPU layout ("segments"), and the CPU's repeat_interleave fallback for chunks with many runs."""
+    model = model_with(torch.float32)
+    cfg = config()
+    pen = make_penalty(model, blocks(model), cfg, chunk_size=40)
+    (_, group), = pen._groups()
+    assert group.loop_sums and group.run_loop_max > 0  # the CPU defaults
+    looped = pen(per_module=detail)
+    if mode == "segments":
+        group.loop_sums, group.run_loop_max = False, -1
+    else:
+        group.run_loop_max = 0
+    res = pen(per_module=detail)
+    ref = reference(lora_factors(model, leaves=True), blocks(model), cfg)
+    params = [t for f in lora_factors(model).values() for t in f[:2]]
+    for k in TERMS:
+        assert_rel(getattr(res, k), ref[k], 1e-5, k)
+        assert_rel(getattr(res, k), getattr(looped, k), 1e-6, k)
+        for g, gl in zip(grads(getattr(res, k), params), grads(getattr(looped, k), params)):
+            assert_rel(g, gl, 1e-6, f"grad {k}")
+    if detail:
+        for name, row in res.per_module.items():
+            for k in ("L_A", "E_rie", "on_support", "max_abs_dw_s"):
+                assert row[k] == pytest.approx(looped.per_module[name][k], rel=1e-6, abs=1e-30)
+
+
 def test_different_ranks_and_scales_form_groups_and_match_reference():
     model = model_with(rank_pattern={"q_proj": 2, "down_proj": 6}, alpha_pattern={"v_proj": 3, "up_proj": 13},
                        use_rslora=True)

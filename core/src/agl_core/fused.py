@@ -62,6 +62,7 @@ class _RowChunk(NamedTuple):
     modules: torch.Tensor  # (k,) B-order ids of the modules the chunk touches
     counts: torch.Tensor  # (k,) coordinates of each of them inside the chunk
     runs: tuple  # (k + 1,) Python ints: where each module's run starts inside the chunk, then c
+    module_ids: tuple  # (k,) Python ints: the same ids as `modules`
 
 
 class _ColChunk(NamedTuple):
@@ -78,13 +79,14 @@ def _csr(pointers: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, sh
         return torch.sparse_csr_tensor(pointers, indices, values, shape, check_invariants=False)
 
 
-def _run_sums(ch: _RowChunk, values: torch.Tensor) -> torch.Tensor:
+def _run_sums(ch: _RowChunk, values: torch.Tensor, loop: bool) -> torch.Tensor:
     """Sums of `values` (j, c) over each module's run inside the chunk, as (k, j) float64.
 
-    On a CPU one cascade sum per run (a Python loop over the chunk's runs: the loop costs less than
-    segment_reduce's sequential kernel and keeps sums accurate); elsewhere one float64 segment_reduce.
+    `loop` (the default on a CPU): one cascade sum per run, a Python loop over the chunk's runs, which costs
+    less there than segment_reduce's sequential kernel and keeps float32 sums accurate; else one float64
+    segment_reduce (one kernel launch on a GPU).
     """
-    if values.device.type == "cpu":
+    if loop:
         runs = ch.runs
         return torch.stack([values[:, a:b].sum(1) for a, b in zip(runs, runs[1:])]).to(torch.float64)
     return torch.segment_reduce(values.t().to(torch.float64), "sum", lengths=ch.counts, axis=0)
@@ -95,9 +97,25 @@ def _run_max(ch: _RowChunk, values: torch.Tensor) -> torch.Tensor:
     return torch.segment_reduce(values, "max", lengths=ch.counts, axis=0, unsafe=True, initial=0)
 
 
-def _broadcast(ch: _RowChunk, per_module: torch.Tensor) -> torch.Tensor:
-    """(c,) per-coordinate copy of per-module values (n,) over the chunk's module runs."""
-    return torch.repeat_interleave(per_module.index_select(0, ch.modules), ch.counts, output_size=ch.s1 - ch.s0)
+RUN_LOOP_MAX = 8  # on a CPU, chunks with at most this many module runs broadcast per run (else repeat_interleave)
+
+
+def _add_per_module(out: torch.Tensor, ch: _RowChunk, a: Any, x: torch.Tensor, b: Any, y: torch.Tensor,
+                    loop_max: int) -> None:
+    """out += a_k x + b_k y, with a_k, b_k the per-module values (n,) of each coordinate's module k.
+
+    At most `loop_max` runs in the chunk: two in-place adds per run (a, b are Python lists then); otherwise
+    the per-module values are broadcast over the runs with repeat_interleave (a, b tensors or lists).
+    """
+    runs = ch.runs
+    if len(runs) - 1 <= loop_max:
+        for k, lo, hi in zip(ch.module_ids, runs, runs[1:]):
+            out[lo:hi].add_(x[lo:hi], alpha=a[k]).add_(y[lo:hi], alpha=b[k])
+        return
+    for values, z in ((a, x), (b, y)):
+        values = torch.as_tensor(values, dtype=out.dtype, device=out.device)
+        out.addcmul_(torch.repeat_interleave(values.index_select(0, ch.modules), ch.counts,
+                                             output_size=ch.s1 - ch.s0), z)
 
 
 class _FusedSums(torch.autograd.Function):
@@ -124,7 +142,7 @@ class _FusedSums(torch.autograd.Function):
             pair = buf[:, :c]
             torch.mul(layout.m[sl], d2, out=pair[0])  # m d²
             torch.mul(layout.mm[sl], d2, out=pair[1])  # m(1−m) d²
-            per.index_add_(0, ch.modules, _run_sums(ch, pair))
+            per.index_add_(0, ch.modules, _run_sums(ch, pair, layout.loop_sums))
             sig = d.abs()
             if detail:
                 top = torch.maximum(amax.index_select(0, ch.modules), _run_max(ch, sig))
@@ -137,7 +155,7 @@ class _FusedSums(torch.autograd.Function):
             rie = q_d2.addcmul_(q_d2, sig, value=beta)  # (1 + β σ) m(1−m) d² / |S_k|
             glob_parts.append(torch.stack([w_d2.sum(), rie.sum(), d2.sum()]))  # cascade sums of ≤ one chunk
             if detail:
-                more.index_add_(0, ch.modules, _run_sums(ch, torch.stack([w_d2, rie, d2])))
+                more.index_add_(0, ch.modules, _run_sums(ch, torch.stack([w_d2, rie, d2]), layout.loop_sums))
             saved_d.append(d)
             saved_sig.append(sig)
         glob = torch.stack(glob_parts).to(f64).sum(0) if glob_parts else torch.zeros(3, dtype=f64, device=B.device)
@@ -157,6 +175,8 @@ class _FusedSums(torch.autograd.Function):
         grad_b = torch.zeros_like(B, memory_format=torch.contiguous_format) if need_b else None
         gd_all = torch.empty(layout.size, dtype=B.dtype, device=B.device)  # ∂total/∂ΔW_S (|S|,)
         g_m, g_mm = (2 * grad_per[:, 0]).contiguous(), (2 * grad_per[:, 1]).contiguous()
+        if layout.loop_sums:  # Python floats for the CPU's per-run loop (one sync)
+            g_m, g_mm = g_m.tolist(), g_mm.tolist()
         g_la, g_rie, g_on = (float(v) for v in grad_glob.double().cpu())  # one sync per backward
         for ch, d, sig in zip(layout.row_chunks, ctx.saved_d, ctx.saved_sig):
             sl = slice(ch.s0, ch.s1)
@@ -165,7 +185,7 @@ class _FusedSums(torch.autograd.Function):
             m, mm, q = layout.m[sl], layout.mm[sl], layout.q[sl]
             gd = torch.mul(layout.w[sl], 2 * g_la, out=gd_all[sl])
             gd.add_(q, alpha=2 * g_rie).add_(2 * g_on)
-            gd.addcmul_(_broadcast(ch, g_m), m).addcmul_(_broadcast(ch, g_mm), mm)
+            _add_per_module(gd, ch, g_m, m, g_mm, mm, layout.run_loop_max)
             u = torch.rsub(sig, 1).mul_(d.abs()).add_(2).mul_(sig).mul_(q)  # q σ (2 + (1 − σ)|d|)
             gd.add_(u, alpha=beta * g_rie).mul_(d)
             if need_b:  # rows of B_cat: G[r0:r1] @ At_cat
@@ -181,6 +201,35 @@ class _FusedSums(torch.autograd.Function):
         return grad_b, grad_at, None, None, None, None
 
 
+class _GramNorms(torch.autograd.Function):
+    """(n,) ⟨B_kᵀB_k, A_kA_kᵀ⟩ of every module (B-order) from the concatenations, Grams batched per run of equal
+    shapes; hand-written backward (∂B_k = 2 g_k B_k A_kA_kᵀ, ∂A_kᵀ = 2 g_k A_kᵀ B_kᵀB_k: one bmm per run),
+    where autograd's bmm backward through the transposed views is several times slower on a CPU."""
+
+    @staticmethod
+    def forward(ctx, B, At, layout):
+        gram_b = _grams(B, layout.b_classes)  # (n, r, r) B-order
+        gram_a = _grams(At, layout.a_classes)  # (n, r, r) A-order
+        ctx.save_for_backward(B, At, gram_b, gram_a)
+        ctx.layout = layout
+        return (gram_b * gram_a.index_select(0, layout.a_to_b)).sum(dim=(1, 2))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # (n,) B-order
+        B, At, gram_b, gram_a = ctx.saved_tensors
+        layout = ctx.layout
+        g2 = (2 * grad).view(-1, 1, 1)
+        grad_b = grad_at = None
+        if ctx.needs_input_grad[0]:  # rows of module k: 2 g_k B_k (A_kA_kᵀ)
+            grad_b = _times_grams(B, layout.b_classes, gram_a.index_select(0, layout.a_to_b) * g2)
+        if ctx.needs_input_grad[1]:  # rows of module k in A-order: 2 g_k A_kᵀ (B_kᵀB_k)
+            b_in_a = torch.empty_like(layout.a_to_b)
+            b_in_a[layout.a_to_b] = torch.arange(layout.a_to_b.numel(), device=b_in_a.device)
+            grad_at = _times_grams(At, layout.a_classes, (gram_b * g2).index_select(0, b_in_a))
+        return grad_b, grad_at, None
+
+
 class FusedCoordinates:
     """The static layout of one group of coordinate-basis modules (same device, dtype and rank r).
 
@@ -191,6 +240,8 @@ class FusedCoordinates:
     def __init__(self, members: Sequence[Any], device: torch.device, dtype: torch.dtype, split: str,
                  chunk: Optional[int] = None) -> None:
         chunk = default_chunk(device) if chunk is None else chunk
+        self.loop_sums = torch.device(device).type == "cpu"  # per-module sums: see _run_sums
+        self.run_loop_max = RUN_LOOP_MAX if self.loop_sums else -1  # per-module broadcasts: see _add_per_module
         self.members, self.dtype, self.hard = list(members), dtype, split == "hard"
         shapes = [m.target.shape for m in self.members]  # (out, in)
         self.b_order = sorted(range(len(shapes)), key=lambda i: shapes[i][0])  # B-order: by out size
@@ -249,7 +300,7 @@ class FusedCoordinates:
             counts = ends[ids + 1].clamp(max=s1) - ends[ids].clamp(min=s0)
             runs = tuple([0] + counts.cumsum(0).tolist())
             chunks.append(_RowChunk(r0, r1, s0, s1, (crow[r0:r1 + 1] - s0).to(device, index_dtype),
-                                    ids.to(device), counts.to(device), runs))
+                                    ids.to(device), counts.to(device), runs, tuple(ids.tolist())))
         return chunks
 
     def nbytes(self) -> int:
@@ -262,9 +313,7 @@ class FusedCoordinates:
         B = torch.cat([targets[i].B for i in self.b_order], 0).to(self.dtype)  # (ΣN_out, r)
         B = B * self.scale
         At = torch.cat([targets[i].A.t() for i in self.a_order], 0).to(self.dtype)  # (ΣN_in, r)
-        gram_b = _grams(B, self.b_classes)  # (n, r, r) B-order
-        gram_a = _grams(At, self.a_classes).index_select(0, self.a_to_b)  # (n, r, r) B-order
-        dw_sq = (gram_b * gram_a).sum(dim=(1, 2))  # (n,) ‖s B A‖²_F
+        dw_sq = _GramNorms.apply(B, At, self)  # (n,) ‖s B A‖²_F = ⟨(sB)ᵀ(sB), AAᵀ⟩, B-order
         per, glob, more, amax = _FusedSums.apply(B, At, self, float(beta), float(tau), bool(detail))
         s_m, s_mm = per[:, 0], per[:, 1]  # Σ m d², Σ m(1−m) d²
         l_t = (dw_sq - (s_m + s_mm)).clamp(min=0)  # ‖ΔW_T‖² = ‖ΔW‖² − Σ (2m − m²) d²
@@ -326,6 +375,17 @@ def _classes(sizes: list[int]) -> list[tuple[int, int, int]]:
             runs.append((row, 1, s))
         row += s
     return runs
+
+
+def _times_grams(X: torch.Tensor, classes: list[tuple[int, int, int]], mats: torch.Tensor) -> torch.Tensor:
+    """Every module block X_k (size, r) of X (ΣN, r) times its own (r, r) matrix mats[k], as (ΣN, r)."""
+    out = torch.empty_like(X, memory_format=torch.contiguous_format)
+    k = 0
+    for first, count, size in classes:
+        x = X[first:first + count * size].view(count, size, X.shape[1])  # (count, size, r)
+        out[first:first + count * size] = torch.bmm(x, mats[k:k + count]).view(count * size, X.shape[1])
+        k += count
+    return out
 
 
 def _grams(X: torch.Tensor, classes: list[tuple[int, int, int]]) -> torch.Tensor:
