@@ -24,7 +24,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads for every benchmark")
     p.add_argument("--with-4k", action="store_true",
                    help="also time one 7B-like layer's LoRA step on 4096 tokens against the penalty (bench.penalty "
-                        "section 7b4k; ~2 min more on one CPU core; a GPU run's 7b section already uses 4096 tokens)")
+                        "section 7b4k; ~1 min more on one CPU core; a GPU run's 7b section already uses 4096 tokens)")
     p.add_argument("--out", default="out/bench", help="folder for the outputs (one .txt per benchmark)")
     args = p.parse_args()
     import torch

@@ -27,7 +27,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="7B-like layers (default 32, --quick 4)")
     p.add_argument("--sections", default="smollm,dense,floor,7b,70b,scaling",
                    help="comma-separated subset of smollm,dense,floor,7b,70b,scaling,7b4k (7b4k: one 7B-like layer against "
-                        "its LoRA step on 4096 tokens, whatever the device; ~2 min on one CPU core, so not in the "
+                        "its LoRA step on 4096 tokens, whatever the device; ~1 min on one loaded CPU core, so not in the "
                         "default CPU run)")
     p.add_argument("--plot", default="docs/perf_scaling.png", help="log-log scaling plot ('' to skip)")
     return p.parse_args()
