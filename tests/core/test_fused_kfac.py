@@ -44,6 +44,10 @@ def test_mixed_kfac_variants_are_batched_by_shape_and_match_reference(split):
     shapes = {(tuple(g.members[0].target.shape), g.Ut is None) for _, g in groups}
     assert len(groups) == len(shapes)  # one group per (shape, variant)
     assert sum(sizes) == len(pen.modules) and max(sizes) >= 4  # q and o share (hidden, hidden) in every layer
+    for _, g in groups:  # stacked V (n, in, k_in) and three (n, a, k_in) weights, float64 here
+        n, a, k = g.m.shape
+        expected = n * g.V.shape[1] * k + 3 * n * a * k + n + (0 if g.Ut is None else g.Ut.numel())
+        assert g.nbytes() == 8 * expected
     compare(model, blocks, cfg, step=2)
 
 

@@ -69,6 +69,11 @@ class FusedKFAC:
         self.scale = torch.tensor([float(mb.target.scale) for mb in self.members],
                                   dtype=torch.float64).to(device, dtype).view(-1, 1, 1)  # (n, 1, 1)
 
+    def nbytes(self) -> int:
+        """Bytes of the group's stacked static tensors (V, Uᵀ, m, m(1−m), F̂m², scales)."""
+        tensors = [self.V, self.m, self.mm, self.fm2, self.scale] + ([] if self.Ut is None else [self.Ut])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def __call__(self, beta: float, tau: float, eps: float) -> tuple[torch.Tensor, ...]:
         """(L_A, L_T, E_rie, E_geo, on_support, dw_sq, max_abs) per module, each (n,); the last three detached."""
         targets = [m.target for m in self.members]
