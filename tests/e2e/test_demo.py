@@ -60,15 +60,20 @@ def test_demo_trains_both_runs_identically_but_for_agl(demo_run):
 
 
 def test_demo_reuses_finished_stages(demo_run):
-    out, _ = demo_run
+    out, first = demo_run
+    assert "2 worker processes of 1 thread(s)" in first.stdout  # the first run trained both fine-tunes side by side
     before = json.loads((out / "demo.json").read_text())
     cmd = [AGL, "demo", "--out", str(out), "--max-train", "24", "--max-eval", "24", "--fisher-examples", "16",
-           "--threads", "1"]
+           "--threads", "1", "--workers", "1"]  # the same stages in this one process: every one is reused
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "one process" in proc.stdout
     after = json.loads((out / "demo.json").read_text())
     assert after["task_loss"] == before["task_loss"]
     assert after["timings_s"]["plain"] < before["timings_s"]["plain"]
+    assert "fisher mask" not in after["timings_s"]  # the mask was reused, not estimated again
+    report = json.loads((out / "drift" / "report.json").read_text())  # rebuilt from the reused rows
+    assert {m["name"] for m in report["models"]} == {"base", "plain", "agl"}
 
 
 def test_demo_refuses_to_mix_runs_with_other_settings(demo_run):
