@@ -68,9 +68,14 @@ def task_rows(task: str, model: Any, tokenizer: Any, out: Path) -> tuple[list[di
     return train, held
 
 
+TASK_ROWS_VERSION = 2  # 2: the arith held-out rows are generated first (1: after the training rows)
+
+
 def settings_of(opts: DemoOptions) -> dict[str, Any]:
     """What the stages' results depend on: a folder's finished stages are reused only under the same settings."""
-    return {"task": opts.task, "seed": opts.seed, "mask": opts.mask, "contrastive": opts.contrastive, "agl": opts.agl,
+    data = {k: v for k, v in TASKS[opts.task].items() if k != "spec"}
+    return {"task": opts.task, "task_data": {**data, "rows_version": TASK_ROWS_VERSION}, "seed": opts.seed,
+            "mask": opts.mask, "contrastive": opts.contrastive, "agl": opts.agl,
             "spec": {**TASKS[opts.task]["spec"], **opts.spec}, "max_train": opts.max_train, "max_eval": opts.max_eval,
             "fisher_examples": opts.fisher_examples, "aligned_base": align.adapter_digest(align.ADAPTER_DIR)}
 
