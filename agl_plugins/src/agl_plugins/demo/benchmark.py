@@ -68,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser, pm: Any) -> None:
                         help="Forgetting probe: measurements per run (default: AGLConfig's).")
 
 
+def mask_fields(settings: dict) -> dict:
+    """A variant's mask settings as AGLConfig fields ('contrastive' is an estimation choice, not a config field)."""
+    return {k: v for k, v in settings.items() if k != "contrastive"}
+
+
 def mask_key(settings: dict) -> str:
     return "-".join(f"{k}={v}" for k, v in sorted(settings.items()))
 
@@ -132,8 +137,8 @@ def run(args: argparse.Namespace, pm: Any) -> int:
             if stats is None:
                 print("[benchmark] Fisher statistics (diagonal, K-FAC, reference) on the alignment data", flush=True)
                 stats = pipeline.estimate_stats(model, tok, ATTN, kinds=("diagonal", "contrastive"))
-            cfg = {k: v for k, v in settings.items() if k != "contrastive"}
-            pipeline.build_mask(stats, AGLConfig(**cfg), model, path, contrastive=bool(settings.get("contrastive")))
+            pipeline.build_mask(stats, AGLConfig(**mask_fields(settings)), model, path,
+                                contrastive=bool(settings.get("contrastive")))
         masks[key] = path
     del stats
     for task in args.tasks:
@@ -156,17 +161,12 @@ def run(args: argparse.Namespace, pm: Any) -> int:
                 if VARIANTS[variant] is not None:
                     mset, aset = VARIANTS[variant]
                     aset = dict(aset, lambda_a=args.lambda_a) if args.lambda_a is not None else aset
-                    cfg = {k: v for k, v in mset.items() if k != "contrastive"}
-                    agl = AGLConfig(mask_path=str(masks[mask_key(mset)]), **cfg, **aset, **probe)
+                    agl = AGLConfig(mask_path=str(masks[mask_key(mset)]), **mask_fields(mset), **aset, **probe)
                 spec = FinetuneSpec(seed=seed, agl=agl, **TASKS[task]["spec"])
                 print(f"[benchmark] task={task} seed={seed} variant={variant}", flush=True)
                 res = pipeline.finetune(str(base_dir), rows, held, spec, out / "adapters" / task / str(seed), variant,
                                         progress=False)
-                from peft import PeftModel
-
-                fresh, _ = load_model_and_tokenizer(str(base_dir), progress=lambda s: None)
-                tuned = PeftModel.from_pretrained(fresh, res.adapter).eval()
-                rr = pipeline.refusal_rates(tuned, tok, records)
+                rr = pipeline.refusal_rates(pipeline.load_adapter(base_dir, res.adapter), tok, records)
                 _append(results_path, {"task": task, "seed": seed, "variant": variant, "task_loss": res.task_loss,
                                        "train_loss": res.train_loss, "refusal": rr["unsafe"], "overrefusal": rr["safe"],
                                        "scores": rr["scores"], "train_s": res.seconds, "agl": res.agl,
@@ -179,9 +179,6 @@ def run(args: argparse.Namespace, pm: Any) -> int:
 def projected_row(out: Path, task: str, seed: int, mask: Path, base_dir: str, tok: Any, held: list[dict],
                   records: list[dict]) -> dict:
     """The 'projected' variant: this seed's plain adapter with its update removed on the mask's input directions."""
-    from peft import PeftModel
-
-    from ..models import load_model_and_tokenizer
     from ..project import project_adapter_dir
     from . import pipeline
     from .train import mean_nll
@@ -192,8 +189,7 @@ def projected_row(out: Path, task: str, seed: int, mask: Path, base_dir: str, to
                          "there: list 'plain' before 'projected' in --variants.")
     t0 = time.perf_counter()
     info = project_adapter_dir(plain, mask, out / "adapters" / task / str(seed) / "projected", overwrite=True)
-    fresh, _ = load_model_and_tokenizer(base_dir, progress=lambda s: None)
-    tuned = PeftModel.from_pretrained(fresh, info["out"]).eval()
+    tuned = pipeline.load_adapter(base_dir, info["out"])
     task_loss = mean_nll(tuned, tok, held)
     rr = pipeline.refusal_rates(tuned, tok, records)
     return {"task": task, "seed": seed, "variant": "projected", "task_loss": task_loss, "train_loss": None,

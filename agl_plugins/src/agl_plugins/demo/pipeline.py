@@ -107,6 +107,16 @@ def finetune(base_dir: str, rows: list[dict], heldout: list[dict], spec: Finetun
                      str(probe) if probe.exists() else None)
 
 
+def load_adapter(base_dir: str, adapter: str) -> Any:
+    """A fresh copy of the aligned base with a saved LoRA adapter on it, in eval mode (to judge the adapter)."""
+    from peft import PeftModel
+
+    from ..models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(str(base_dir), progress=lambda s: None)
+    return PeftModel.from_pretrained(model, str(adapter)).eval()
+
+
 EVAL_NEW_TOKENS = 24  # greedy tokens judged per answer: refusals open the answer
 
 

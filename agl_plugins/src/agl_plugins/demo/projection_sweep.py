@@ -31,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from agl_core.config import AGLConfig
     from agl_core.mask import FisherMask
-    from peft import PeftModel
 
     from ..models import load_model_and_tokenizer
     from ..project import project_adapter_dir
@@ -48,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     held = arithmetic_task(0, hi)["heldout"][lo:hi]
 
     def judge(adapter: str) -> tuple[float, float]:
-        fresh, _ = load_model_and_tokenizer(str(base), progress=lambda s: None)
-        tuned = PeftModel.from_pretrained(fresh, adapter).eval()
+        tuned = pipeline.load_adapter(str(base), adapter)
         return pipeline.refusal_rates(tuned, tok, unsafe)["unsafe"], mean_nll(tuned, tok, held)
 
     results = {"plain": judge(args.adapter)}
