@@ -59,6 +59,17 @@ def test_demo_trains_both_runs_identically_but_for_agl(demo_run):
     assert {m["name"] for m in report["models"]} == {"base", "plain", "agl"}
 
 
+def test_each_fine_tunes_driftcheck_is_split_across_the_workers_and_merged(demo_run):
+    out, proc = demo_run
+    merged = [json.loads(line) for line in (out / "drift" / "results.jsonl").read_text().splitlines()]
+    for name in ("plain", "agl"):
+        parts = [[json.loads(line) for line in (out / "drift-runs" / f"{name}-part{i}of2" / "results.jsonl")
+                  .read_text().splitlines()] for i in (1, 2)]
+        want = {(r["judge"], r["id"]): r["score"] for r in merged if r["model"] == name}
+        assert {(r["judge"], r["id"]): r["score"] for rows in parts for r in rows if r["model"] == name} == want
+        assert f"{name} judged 2/2: done" in proc.stdout
+
+
 def test_demo_reuses_finished_stages(demo_run):
     out, first = demo_run
     assert "2 worker processes of 1 thread(s)" in first.stdout  # the first run trained both fine-tunes side by side
@@ -72,6 +83,8 @@ def test_demo_reuses_finished_stages(demo_run):
     assert after["task_loss"] == before["task_loss"]
     assert after["timings_s"]["plain"] < before["timings_s"]["plain"]
     assert "fisher mask" not in after["timings_s"]  # the mask was reused, not estimated again
+    assert "Fisher mask: reused" in proc.stdout
+    assert after["timings_s"]["plain judged"] < before["timings_s"]["plain judged 1/2"]  # rows of both parts reused
     report = json.loads((out / "drift" / "report.json").read_text())  # rebuilt from the reused rows
     assert {m["name"] for m in report["models"]} == {"base", "plain", "agl"}
 

@@ -253,3 +253,45 @@ def test_rows_of_an_earlier_folder_are_reused_where_they_would_be_identical(drif
         run(drift_setup, src, reuse=[str(src)])
     with pytest.raises(ValueError, match="holds no DriftCheck run"):
         run(drift_setup, tmp_path / "d", reuse=[str(tmp_path / "nothing")])
+
+
+def test_parts_judge_disjoint_batches_and_a_full_run_merges_them(drift_setup, full_run, tmp_path):
+    ref_out, ref_report, _ = full_run
+    judges = dict(judges=["margin", "pattern", "count"], compare={"agl": "agl", "plain": "plain"})
+    seen, lines = [], []
+    for i in (1, 2):
+        judge = CountingJudge()
+        report = run(drift_setup, tmp_path / f"p{i}", pm=pm_with(judge), part=(i, 2), log_fn=lines.append, **judges)
+        assert judge.calls == 3  # one generation batch (of the first 6 prompts) for each of the 3 models
+        assert any("part" in w and f"{i} of 2" in w for w in report["warnings"])
+        seen.append({r["id"] for r in read_rows(tmp_path / f"p{i}")})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {r["id"] for r in read_rows(ref_out)}
+    assert any("judged part 1 of 2" in line for line in lines)
+
+    judge = CountingJudge()  # every row comes from the parts: nothing is judged again
+    merged = run(drift_setup, tmp_path / "all", pm=pm_with(judge), reuse=[str(tmp_path / "p1"), str(tmp_path / "p2")],
+                 **judges)
+    assert judge.calls == 0
+    key = lambda r: (r["model"], r["judge"], r["id"])  # noqa: E731
+    want = {key(r): (r["score"], r["value"]) for r in read_rows(ref_out)}
+    assert {key(r): (r["score"], r["value"]) for r in read_rows(tmp_path / "all")} == want
+    assert merged["metrics"] == ref_report["metrics"] and merged["drift_reduction"] == ref_report["drift_reduction"]
+
+
+@pytest.mark.parametrize("part", [(0, 2), (3, 2), (1,), "1/2", (1.0, 2), (True, 1)])
+def test_a_bad_part_is_refused(drift_setup, tmp_path, part):
+    with pytest.raises(ValueError, match="part=.* is invalid: give \\(i, n\\)"):
+        run(drift_setup, tmp_path, part=part)
+
+
+def test_the_cli_part_flag(drift_setup, tmp_path, capsys):
+    from agl_plugins.drift.cli import parse_part
+
+    assert parse_part("2/3") == (2, 3) and parse_part(None) is None
+    for bad in ("2", "a/b", "1/"):
+        with pytest.raises(ValueError, match="--part .* is malformed: write I/N"):
+            parse_part(bad)
+    code = main(["drift", "--model", drift_setup["model"], "--prompts", drift_setup["prompts"], "--out",
+                 str(tmp_path / "o"), "--part", "3/2", "--device", "cpu", "--no-plots"])
+    assert code != 0 and "part=(3, 2) is invalid" in capsys.readouterr().err

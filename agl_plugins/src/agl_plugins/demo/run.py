@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 from agl_core.config import AGLConfig
 from agl_core.safeio import atomic_write_bytes
 
+from ..drift.store import RUN_FILE
 from . import align, pipeline
 from .pipeline import EVAL_NEW_TOKENS
 from .data import arithmetic_task, check_disjoint, eval_records, split_benign, sure_response
@@ -162,20 +163,30 @@ def _base_job(base_dir: Path, opts: DemoOptions) -> None:
 
 def _finetune_job(base_dir: Path, opts: DemoOptions, name: str, rows: list[dict], held: list[dict],
                   spec: FinetuneSpec) -> dict:
-    """Fine-tune (unless its record exists) and judge the adapter on the held-out prompts, reusing the base's rows."""
-    from ..drift.runner import run_drift
-
+    """Fine-tune and measure the held-out task loss (unless its record exists)."""
     record = opts.out / "adapters" / f"{name}.json"
     if not opts.overwrite and record.exists():
-        result = json.loads(record.read_text(encoding="utf-8"))
-    else:
-        res = pipeline.finetune(str(base_dir), rows, held, spec, opts.out / "adapters", name, progress=False,
-                                step_log=lambda line: opts.log(f"      [{name}] {line}"))
-        result = res.__dict__
-        atomic_write_bytes(record, json.dumps(result, indent=1).encode("utf-8"))
-    run_drift(_drift_options(base_dir, opts.out / "drift-runs" / name, {name: result["adapter"]}, opts, plots=False,
-                             reuse=[str(base_judged_dir(base_dir, opts.max_eval))]), log_fn=lambda s: None)
-    return result
+        return json.loads(record.read_text(encoding="utf-8"))
+    res = pipeline.finetune(str(base_dir), rows, held, spec, opts.out / "adapters", name, progress=False,
+                            step_log=lambda line: opts.log(f"      [{name}] {line}"))
+    atomic_write_bytes(record, json.dumps(res.__dict__, indent=1).encode("utf-8"))
+    return res.__dict__
+
+
+def judged_folders(base_dir: Path, opts: DemoOptions, but: Optional[Path] = None) -> list[str]:
+    """DriftCheck folders whose rows a demo run may reuse: the base's, and every finished-or-running one of this
+    demo's fine-tunes (reusable_rows takes only rows it would compute identically: same adapter file, settings)."""
+    runs = sorted(d for d in (opts.out / "drift-runs").glob("*") if (d / RUN_FILE).is_file() and d != but)
+    return [str(base_judged_dir(base_dir, opts.max_eval))] + [str(d) for d in runs]
+
+
+def _judge_job(base_dir: Path, opts: DemoOptions, name: str, adapter: str, part: Optional[tuple[int, int]]) -> None:
+    """DriftCheck of one fine-tune on the held-out prompts (or on one part of them), reusing every judged row."""
+    from ..drift.runner import run_drift
+
+    folder = opts.out / "drift-runs" / (name if part is None else f"{name}-part{part[0]}of{part[1]}")
+    run_drift(_drift_options(base_dir, folder, {name: adapter}, opts, plots=False, part=part,
+                             reuse=judged_folders(base_dir, opts, but=folder)), log_fn=lambda s: None)
 
 
 class _Inline:
@@ -224,10 +235,11 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     specs = {"plain": FinetuneSpec(seed=opts.seed, agl=None, **spec_args),
              "agl": FinetuneSpec(seed=opts.seed, agl=_agl_config(opts, mask_dir), **spec_args)}
     what = {"fisher": (2, "Fisher mask from alignment-v1's fisher split (disjoint from every evaluation prompt)"),
-            "base": (3, "DriftCheck of the aligned base on the held-out prompts (kept with the cached base)"),
-            "plain": (4, f"plain LoRA on '{opts.task}': {len(rows)} examples, {spec_args['epochs']:g} epochs, "
-                         f"lr {spec_args['lr']:g}; then DriftCheck"),
-            "agl": (5, "LoRA + AGL (same data, seed, steps); then DriftCheck")}
+            "plain": (3, f"plain LoRA on '{opts.task}': {len(rows)} examples, {spec_args['epochs']:g} epochs, "
+                         f"lr {spec_args['lr']:g}"),
+            "agl": (4, "LoRA + AGL (same data, seed, steps)"),
+            "judge": (5, "DriftCheck on the held-out prompts: the aligned base (rows kept with the cached base), then "
+                         "each fine-tune as soon as it is trained")}
     opts.log(f"      {workers} worker process{'es' if workers > 1 else ''} of {opts.threads or 1} thread(s)"
              if workers > 1 else "      one process")
     pool: Any = _Inline()
@@ -236,49 +248,57 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(opts.threads or 1,))
-    running: dict[Future, tuple[str, float]] = {}
-    done: set[str] = set()
-    results: dict[str, dict] = {}
-
     job_opts = replace(opts, log=print) if workers > 1 else opts  # what a worker process gets (picklable)
-
-    def submit(job: str, fn: Callable, *args: Any) -> None:
-        i, text = what[job]
-        running[pool.submit(fn, *args)] = (job, _stage(opts, i, n, text))
-
+    results: dict[str, dict] = {}
+    # Each fine-tune's DriftCheck is split into one part per worker, so that the last fine-tune's evaluation uses
+    # every core; the report merges the parts' rows.
+    parts: list[Optional[tuple[int, int]]] = [(i, workers) for i in range(1, workers + 1)] if workers > 1 else [None]
+    need_mask = opts.overwrite or not (mask_dir / "mask.safetensors").exists()
+    # (name, what it needs, the call): in priority order; a free worker takes the first job whose needs are done
+    jobs: list[tuple[str, set[str], Callable[[], tuple]]] = [
+        *([("fisher", set(), lambda: (_fisher_job, base_dir, job_opts, mask_dir))] if need_mask else []),
+        ("plain", set(), lambda: (_finetune_job, base_dir, job_opts, "plain", rows, held, specs["plain"])),
+        ("agl", {"fisher"}, lambda: (_finetune_job, base_dir, job_opts, "agl", rows, held, specs["agl"])),
+        ("base", set(), lambda: (_base_job, base_dir, job_opts)),
+        *[(f"{name} judged{'' if part is None else f' {part[0]}/{part[1]}'}", {name, "base"},
+           lambda name=name, part=part: (_judge_job, base_dir, job_opts, name, results[name]["adapter"], part))
+          for name in ("agl", "plain") for part in parts]]
+    done: set[str] = set() if need_mask else {"fisher"}
+    if not need_mask:
+        _stage(opts, *what.pop("fisher")[:1], n, f"Fisher mask: reused ({mask_dir})")
+    running: dict[Future, tuple[str, float]] = {}
     try:
-        need_mask = opts.overwrite or not (mask_dir / "mask.safetensors").exists()
-        if need_mask:
-            submit("fisher", _fisher_job, base_dir, job_opts, mask_dir)
-        else:
-            done.add("fisher")
-        submit("base", _base_job, base_dir, job_opts)
-        while running or len(results) < 2:
-            for job in ("plain", "agl"):  # each fine-tune as soon as what it needs is there
-                needs = {"base"} | ({"fisher"} if job == "agl" else set())
-                if job not in results and job not in (j for j, _ in running.values()) and needs <= done:
-                    submit(job, _finetune_job, base_dir, job_opts, job, rows, held, specs[job])
+        while jobs or running:
+            for job in [j for j in jobs if j[1] <= done]:
+                if len(running) >= workers:
+                    break
+                jobs.remove(job)
+                name, _, call = job
+                stage = what.pop(name if name in ("fisher", "plain", "agl") else "judge", None)
+                t = _stage(opts, stage[0], n, stage[1]) if stage else time.perf_counter()
+                fn, *args = call()
+                running[pool.submit(fn, *args)] = (name, t)
             if not running:
-                break
+                raise RuntimeError(f"demo stages {[j[0] for j in jobs]} wait for stages that never ran")  # a bug
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in finished:
-                job, t = running.pop(future)
+                name, t = running.pop(future)
                 value = future.result()  # a job's error stops the demo here, with its own message
-                timings[{"fisher": "fisher mask", "base": "base judged"}.get(job, job)] = time.perf_counter() - t
-                done.add(job)
-                if job in ("plain", "agl"):
-                    results[job] = value
-                    opts.log(f"      {job}: held-out task loss {value['task_loss']:.4f} "
-                             f"({(time.perf_counter() - t) / 60:.1f} min)")
+                minutes = (time.perf_counter() - t) / 60
+                timings[{"fisher": "fisher mask", "base": "base judged"}.get(name, name)] = time.perf_counter() - t
+                done.add(name)
+                if name in ("plain", "agl"):
+                    results[name] = value
+                    opts.log(f"      {name}: held-out task loss {value['task_loss']:.4f} ({minutes:.1f} min)")
                 else:
-                    opts.log(f"      {job}: done ({(time.perf_counter() - t) / 60:.1f} min)")
+                    opts.log(f"      {name}: done ({minutes:.1f} min)")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
     t = time.perf_counter()
-    reuse = [str(base_judged_dir(base_dir, opts.max_eval))] + [str(out / "drift-runs" / k) for k in results]
     report = run_drift(_drift_options(base_dir, out / "drift", {k: v["adapter"] for k, v in results.items()}, opts,
-                                      compare={"agl": "agl", "plain": "plain"}, mask=str(mask_dir), reuse=reuse),
+                                      compare={"agl": "agl", "plain": "plain"}, mask=str(mask_dir),
+                                      reuse=judged_folders(base_dir, opts)),
                        log_fn=lambda s: None)
     timings["report"] = time.perf_counter() - t
     summary = summarise(report, results, base_loss, opts, timings, time.perf_counter() - start)

@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser, pm: Any) -> None:
     parser.add_argument("--reuse", action="append", default=[], metavar="FOLDER", help="An earlier DriftCheck --out "
                         "folder (repeatable): its rows for the same base weights, prompts, judges and generation "
                         "settings — the base, and adapters with identical files — are copied, not evaluated again.")
+    parser.add_argument("--part", default=None, metavar="I/N", help="Judge only part I of N of the prompts (e.g. "
+                        "1/2), to split one run across processes or machines; then run over every prompt with "
+                        "--reuse for each part's --out folder to merge them.")
 
 
 def parse_compare(items: Optional[list[str]]) -> Optional[dict[str, str]]:
@@ -97,6 +100,18 @@ def count_or_all(flag: str, text: str) -> Optional[int]:
         raise ValueError(f"{flag} {text!r} is invalid: give a positive integer or 'all'.") from None
 
 
+def parse_part(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """'1/2' → (1, 2); ValueError naming the flag if malformed (the range is checked by DriftOptions)."""
+    if text is None:
+        return None
+    i, _, n = str(text).partition("/")
+    try:
+        return int(i), int(n)
+    except ValueError:
+        raise ValueError(f"--part {text!r} is malformed: write I/N, e.g. --part 1/2 for the first of two parts.") \
+            from None
+
+
 def options(args: argparse.Namespace) -> DriftOptions:
     return DriftOptions(
         model=args.model, out=args.out, adapters=parse_adapters(args.adapter), prompts=args.prompts,
@@ -107,6 +122,7 @@ def options(args: argparse.Namespace) -> DriftOptions:
         device=args.device, overwrite=args.overwrite, resamples=args.resamples, seed=args.seed,
         prompt_column=args.prompt_column, label_column=args.label_column, default_label=args.default_label,
         plots=args.plots, threads=args.threads, reuse=args.reuse,
+        part=parse_part(args.part),
     )
 
 

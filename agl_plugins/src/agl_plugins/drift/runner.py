@@ -48,6 +48,9 @@ class DriftOptions:
     plots: bool = True
     threads: Optional[int] = None  # torch CPU threads; 1 avoids oversubscription on a busy shared machine
     reuse: Sequence[str] = ()  # earlier DriftCheck folders whose rows this run would compute identically: not redone
+    # (i, n): judge only the i-th of n interleaved parts of the prompt batches (1 ≤ i ≤ n), e.g. to split one run
+    # across processes; a run over every prompt then merges the parts' folders with `reuse`. None = every batch.
+    part: Optional[tuple[int, int]] = None
 
     def check(self) -> None:
         for key, lo in (("max_prompts", 1), ("max_generations", 1), ("max_new_tokens", 1), ("batch_size", 1),
@@ -55,6 +58,12 @@ class DriftOptions:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < lo):
                 raise ValueError(f"{key}={value!r} is invalid: must be an integer ≥ {lo}.")
+        if self.part is not None and not (
+                isinstance(self.part, (tuple, list)) and len(self.part) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in self.part)
+                and 1 <= self.part[0] <= self.part[1]):
+            raise ValueError(f"part={self.part!r} is invalid: give (i, n) with 1 ≤ i ≤ n, e.g. (1, 2) for the first "
+                             "of two parts.")
         for folder in self.reuse:
             if Path(folder).expanduser().resolve() == Path(self.out).expanduser().resolve():
                 raise ValueError(f"--reuse {folder} is the --out folder itself; give another DriftCheck folder.")
@@ -158,14 +167,21 @@ def _chunk_rows(model: Any, tokenizer: Any, name: str, start: int, batch: list[d
     return rows
 
 
+def batches_of(records: list[dict], opts: DriftOptions) -> list[tuple[int, list[dict]]]:
+    """(start, prompt batch) pairs this run judges: every batch, or those of its part (opts.part)."""
+    batches = [(s, records[s:s + opts.batch_size]) for s in range(0, len(records), opts.batch_size)]
+    return batches if opts.part is None else batches[opts.part[0] - 1::opts.part[1]]
+
+
 def evaluate(model: Any, tokenizer: Any, names: Sequence[str], records: list[dict], judges: list[Judge],
              opts: DriftOptions, store: ResultStore) -> None:
-    """Judge every prompt with every model name; each batch's rows are appended (and flushed) at once."""
+    """Judge every prompt (of opts.part) with every model name; each batch's rows are appended (and flushed) at once."""
     from tqdm.auto import tqdm
 
     n_gen = len(records) if opts.max_generations is None else min(opts.max_generations, len(records))
-    batches = [(s, records[s:s + opts.batch_size]) for s in range(0, len(records), opts.batch_size)]
-    bar = tqdm(total=len(names) * len(records), desc="DriftCheck", unit="prompt", disable=not opts.progress)
+    batches = batches_of(records, opts)
+    bar = tqdm(total=len(names) * sum(len(b) for _, b in batches), desc="DriftCheck", unit="prompt",
+               disable=not opts.progress)
     for name in names:
         bar.set_postfix(model=name)
         with active(model, name):
@@ -175,13 +191,14 @@ def evaluate(model: Any, tokenizer: Any, names: Sequence[str], records: list[dic
     bar.close()
 
 
-def _pending(store: ResultStore, names: Sequence[str], records: list[dict], judges: list[Judge],
+def _pending(store: ResultStore, names: Sequence[str], batches: list[tuple[int, list[dict]]], judges: list[Judge],
              n_gen: int) -> int:
     count = 0
     for name in names:
         for judge in judges:
-            part = records if judge.kind == "model" else records[:n_gen]
-            count += sum(1 for r in part if not store.has(name, judge.name, r["id"]))
+            for start, batch in batches:
+                part = batch if judge.kind == "model" else batch[: max(0, n_gen - start)]
+                count += sum(1 for r in part if not store.has(name, judge.name, r["id"]))
     return count
 
 
@@ -227,7 +244,13 @@ def run_drift(opts: Optional[DriftOptions] = None, *, pm: Any = None, log_fn: Ca
         log_fn(f"DriftCheck: {line}")
     names = [BASE, *opts.adapters]
     n_gen = len(records) if opts.max_generations is None else min(opts.max_generations, len(records))
-    if _pending(store, names, records, judges, n_gen):
+    part_note = [] if opts.part is None else [
+        f"This run judged part {opts.part[0]} of {opts.part[1]} of the prompts only: its report leaves the other "
+        "parts out. Run the other parts (each into its own --out), then one run over every prompt with --reuse FOLDER "
+        "for each part's folder: it merges their rows without judging them again."]
+    for note in part_note:  # expected, not a warning: said once in the log and kept in the report
+        log_fn(f"DriftCheck: {note}")
+    if _pending(store, names, batches_of(records, opts), judges, n_gen):
         if opts.threads:
             import torch
 
@@ -237,7 +260,8 @@ def run_drift(opts: Optional[DriftOptions] = None, *, pm: Any = None, log_fn: Ca
         evaluate(model, tokenizer, names, records, judges, opts, store)
     for note in notes:
         log.warning(note)
-    store.write_info({"judges": {j.name: j.description for j in judges}, "warnings": notes})
+    store.write_info({"judges": {j.name: j.description for j in judges}, "warnings": notes + part_note,
+                      "part": opts.part})
     report = build_report(store, reference=opts.reference, compare=opts.compare,
                           resamples=opts.resamples, seed=opts.seed)
     write_reports(report, store.out, store.rows(), plots=opts.plots)
