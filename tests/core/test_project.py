@@ -65,3 +65,24 @@ def test_bad_inputs_are_explained():
     coord = FisherMask({}, AGLConfig(basis="coordinate"))
     with pytest.raises(ValueError, match="needs an input-side mask"):
         project_adapter({}, coord)
+
+
+def test_remove_block_matches_the_kronecker_projector_in_float64():
+    from agl_core.project import remove_block
+
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(7, 3, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(5, 2, generator=g, dtype=torch.float64))[0]
+    eye_u, eye_v = torch.eye(7, dtype=torch.float64), torch.eye(5, dtype=torch.float64)
+    for u, v, pu, pv in ((U, V, U @ U.T, V @ V.T), (U, None, U @ U.T, eye_v), (None, V, eye_u, V @ V.T)):
+        proj = torch.kron(pu, pv)  # row-major vec(ΔW): vec(P_U ΔW P_V) = (P_U ⊗ P_Vᵀ) vec(ΔW), P_V symmetric
+        want = (d.reshape(-1) - proj @ d.reshape(-1)).reshape(7, 5)
+        got = remove_block(d.float(), u, v)
+        assert got.dtype == torch.float64 and torch.allclose(got, want.float().double(), atol=1e-6)
+        assert torch.allclose(remove_block(d, u, v), want, atol=1e-12)
+    left = remove_block(d, U, V)
+    assert torch.allclose(U.T @ left @ V, torch.zeros(3, 2, dtype=torch.float64), atol=1e-12)  # nothing left on it
+    assert torch.equal(remove_block(d), torch.zeros_like(d))
+    with pytest.raises(ValueError, match=r"output directions of shape \(5, 2\): they must be \(7, k\)"):
+        remove_block(d, V)

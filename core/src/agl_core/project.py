@@ -54,3 +54,24 @@ def project_adapter(weights: Mapping[str, torch.Tensor], mask: FisherMask) -> tu
                          f"modules look like {next(iter(mask.blocks), 'none')!r}, adapter tensors like "
                          f"{next(iter(weights), 'none')!r}.")
     return out, done
+
+
+def remove_block(delta: torch.Tensor, U: torch.Tensor | None = None, V: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW − P_U·ΔW·P_V for a dense update ΔW (out, in), with P_U = U·Uᵀ and P_V = V·Vᵀ (orthonormal columns; None =
+    the identity on that side): the update with its part on a K-FAC block support (output directions U × input
+    directions V) removed. Not a LoRA update of the same rank in general, so it is returned dense (float64)."""
+    d = delta.detach().to(torch.float64)
+    for side, M, size in (("output", U, d.shape[0]), ("input", V, d.shape[1])):
+        if M is not None and (M.dim() != 2 or M.shape[0] != size):
+            raise ValueError(f"Cannot remove a block from an update of shape {tuple(d.shape)} with {side} directions "
+                             f"of shape {tuple(M.shape)}: they must be ({size}, k).")
+    if U is None and V is None:
+        return d - d
+    part = d
+    if V is not None:
+        v = V.detach().to(device=d.device, dtype=torch.float64)
+        part = (part @ v) @ v.T
+    if U is not None:
+        u = U.detach().to(device=d.device, dtype=torch.float64)
+        part = u @ (u.T @ part)
+    return d - part

@@ -68,3 +68,14 @@ def test_seed_means_pool_the_prompts_of_every_seed(tmp_path):
     line = next(ln for ln in text.splitlines() if ln.startswith("| contrastive4 | 2 seeds |"))
     # refusal (75 + 75)/2; cost mean(+10 %, +20 %); pooled drift plain -(2+3)/8, agl -(1+1)/8 → 1 - 2/5 = 60 %
     assert "| 75.0 | 0.0 | 1.7500 | +15.0 % | 60.0 % [" in line
+
+
+def test_fine_tune_changes_name_variants_and_fields_of_the_fine_tune():
+    import dataclasses
+
+    from agl_plugins.demo.benchmark import SPEC
+    from agl_plugins.demo.train import FinetuneSpec
+
+    fields = {f.name for f in dataclasses.fields(FinetuneSpec)}
+    for name, change in SPEC.items():
+        assert name in VARIANTS and set(change) <= fields and set(change) != {"seed"}

@@ -23,6 +23,7 @@ COORD = dict(basis="coordinate", rho=0.01)
 KFAC16 = dict(basis="kfac", k_in=16, k_out="16")
 INPUT4 = dict(basis="kfac", k_in=4, k_out="all")
 CONTRAST4 = dict(INPUT4, contrastive=True)
+BLOCK16 = dict(basis="kfac", k_in=1, k_out="16")  # top 16 output directions on the top input direction (results §2)
 FULL = dict(DEMO_AGL)  # the demo's penalty weights
 VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "plain": None,
@@ -43,11 +44,17 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "lambda-1e4": (CONTRAST4, dict(FULL, lambda_a=1e4)),
     "coordinate-1e3": (COORD, dict(FULL, lambda_a=1e3)),
     "input-only-1e3": (CONTRAST4, dict(FULL, lambda_a=1e3, lambda_t=0.0)),  # no task regulariser: only L_A + collision
+    "block16-1": (BLOCK16, dict(FULL, lambda_a=1.0, lambda_t=0.0)),
+    "block16-10": (BLOCK16, dict(FULL, lambda_a=10.0, lambda_t=0.0)),
+    "block64-10": (dict(BLOCK16, k_out="64"), dict(FULL, lambda_a=10.0, lambda_t=0.0)),
     "rho-0.1pct": (dict(COORD, rho=0.001), FULL),
     "rho-5pct": (dict(COORD, rho=0.05), FULL),
     # no AGL training: the same seed's plain adapter projected off the default basis' protected input directions
     "projected": (CONTRAST4, None),
+    # plain LoRA trained less (lower lr), for a comparison with AGL at equal task loss
+    "plain-lr3e-4": None,
 }
+SPEC = {"plain-lr3e-4": dict(lr=3e-4)}  # a variant's changes to the task's fine-tune settings
 DEFAULT_VARIANTS = tuple(VARIANTS)
 
 
@@ -162,7 +169,7 @@ def run(args: argparse.Namespace, pm: Any) -> int:
                     mset, aset = VARIANTS[variant]
                     aset = dict(aset, lambda_a=args.lambda_a) if args.lambda_a is not None else aset
                     agl = AGLConfig(mask_path=str(masks[mask_key(mset)]), **mask_fields(mset), **aset, **probe)
-                spec = FinetuneSpec(seed=seed, agl=agl, **TASKS[task]["spec"])
+                spec = FinetuneSpec(seed=seed, agl=agl, **{**TASKS[task]["spec"], **SPEC.get(variant, {})})
                 print(f"[benchmark] task={task} seed={seed} variant={variant}", flush=True)
                 res = pipeline.finetune(str(base_dir), rows, held, spec, out / "adapters" / task / str(seed), variant,
                                         progress=False)
