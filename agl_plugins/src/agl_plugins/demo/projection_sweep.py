@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         tuned = pipeline.load_adapter(str(base), adapter)
         return pipeline.refusal_rates(tuned, tok, unsafe)["unsafe"], mean_nll(tuned, tok, held)
 
-    record("plain", *judge(args.adapter), time.perf_counter())
+    t0 = time.perf_counter()
+    record("plain", *judge(args.adapter), t0)
     if "input" in args.sweeps:
         kmax = max(args.ks)
         for contrastive in (True, False):
