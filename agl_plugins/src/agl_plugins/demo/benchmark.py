@@ -44,6 +44,7 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "lambda-1e4": (CONTRAST4, dict(FULL, lambda_a=1e4)),
     "coordinate-1e3": (COORD, dict(FULL, lambda_a=1e3)),
     "input-only-1e3": (CONTRAST4, dict(FULL, lambda_a=1e3, lambda_t=0.0)),  # no task regulariser: only L_A + collision
+    "block16-0.3": (BLOCK16, dict(FULL, lambda_a=0.3, lambda_t=0.0)),
     "block16-1": (BLOCK16, dict(FULL, lambda_a=1.0, lambda_t=0.0)),
     "block16-10": (BLOCK16, dict(FULL, lambda_a=10.0, lambda_t=0.0)),
     "block64-10": (dict(BLOCK16, k_out="64"), dict(FULL, lambda_a=10.0, lambda_t=0.0)),
