@@ -79,3 +79,10 @@ def test_fine_tune_changes_name_variants_and_fields_of_the_fine_tune():
     fields = {f.name for f in dataclasses.fields(FinetuneSpec)}
     for name, change in SPEC.items():
         assert name in VARIANTS and set(change) <= fields and set(change) != {"seed"}
+
+
+def test_the_demo_runs_the_benchmark_variant_block16_1():
+    from agl_plugins.demo.run import AGL, CONTRASTIVE, MASK
+
+    mask, penalty = VARIANTS["block16-1"]
+    assert mask == MASK and penalty == AGL and not CONTRASTIVE and not mask.get("contrastive")

@@ -14,8 +14,6 @@ import numpy as np
 from agl_core.config import AGLConfig
 from agl_core.safeio import append_durably, atomic_write_bytes
 
-from .run import AGL as DEMO_AGL
-
 HELP = "The main job's full benchmark: several tasks, seeds, AGL variants and ablations (hours on a CPU)."
 
 # name → (mask settings, AGL penalty settings); None = plain LoRA. Masks are built once per name of mask settings.
@@ -24,7 +22,7 @@ KFAC16 = dict(basis="kfac", k_in=16, k_out="16")
 INPUT4 = dict(basis="kfac", k_in=4, k_out="all")
 CONTRAST4 = dict(INPUT4, contrastive=True)
 BLOCK16 = dict(basis="kfac", k_in=1, k_out="16")  # top 16 output directions on the top input direction (results §2)
-FULL = dict(DEMO_AGL)  # the demo's penalty weights
+FULL = dict(lambda_a=1.0, lambda_t=0.01, lambda_nc=0.1)  # the penalty weights of the demo before the block basis
 VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "plain": None,
     "coordinate": (COORD, FULL),
@@ -45,9 +43,11 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "coordinate-1e3": (COORD, dict(FULL, lambda_a=1e3)),
     "input-only-1e3": (CONTRAST4, dict(FULL, lambda_a=1e3, lambda_t=0.0)),  # no task regulariser: only L_A + collision
     "block16-0.3": (BLOCK16, dict(FULL, lambda_a=0.3, lambda_t=0.0)),
-    "block16-1": (BLOCK16, dict(FULL, lambda_a=1.0, lambda_t=0.0)),
+    "block16-1": (BLOCK16, dict(FULL, lambda_a=1.0, lambda_t=0.0)),  # the demo's AGL (run.MASK, run.AGL)
     "block16-10": (BLOCK16, dict(FULL, lambda_a=10.0, lambda_t=0.0)),
     "block64-10": (dict(BLOCK16, k_out="64"), dict(FULL, lambda_a=10.0, lambda_t=0.0)),
+    "block16-fisher-only": (BLOCK16, dict(lambda_a=1.0, lambda_t=0.0, lambda_nc=0.0)),  # ablations of the demo's AGL
+    "block16-hard-split": (BLOCK16, dict(FULL, lambda_a=1.0, lambda_t=0.0, split="hard")),
     "rho-0.1pct": (dict(COORD, rho=0.001), FULL),
     "rho-5pct": (dict(COORD, rho=0.05), FULL),
     # no AGL training: the same seed's plain adapter projected off the default basis' protected input directions
