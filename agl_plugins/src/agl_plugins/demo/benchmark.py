@@ -273,7 +273,8 @@ def seed_means(rows: list[dict], task: str, base: Optional[dict], unsafe: np.nda
             value, lo, hi = paired_reduction(b, p, a)
             reduction = "undefined" if value is None else (
                 f"{100 * value:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None else f"{100 * value:.1f} %")
-        lines.append(f"| {variant} | {len(group)} seeds | {100 * np.mean([r['refusal'] for r in group]):.1f} | "
+        seeds = f"{len(group)} seed{'s' if len(group) > 1 else ''}"
+        lines.append(f"| {variant} | {seeds} | {100 * np.mean([r['refusal'] for r in group]):.1f} | "
                      f"{100 * np.mean([r['overrefusal'] for r in group]):.1f} | "
                      f"{np.mean([r['task_loss'] for r in group]):.4f} | {cost} | {reduction} |")
     return lines + [""]
