@@ -267,7 +267,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
           for name in ("agl", "plain") for part in parts]]
     done: set[str] = set() if need_mask else {"fisher"}
     if not need_mask:
-        _stage(opts, *what.pop("fisher")[:1], n, f"Fisher mask: reused ({mask_dir})")
+        what.pop("fisher")
+        _stage(opts, 2, n, f"Fisher mask: reused ({mask_dir})")
     running: dict[Future, tuple[str, float]] = {}
     try:
         while jobs or running:
