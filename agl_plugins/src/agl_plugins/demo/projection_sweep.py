@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
