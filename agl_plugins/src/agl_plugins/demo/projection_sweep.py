@@ -121,15 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         tops[module] = (torch.linalg.eigh(st.X.double())[1].flip(1), torch.linalg.eigh(st.G.double())[1].flip(1),
                         st.G.double() / st.count, (task_g[name].G.double() / task_g[name].count) if task_g else None)
     model.eval()
-    original = {n: p.detach().clone() for n, p in model.named_parameters()}
     modules = dict(model.named_modules())
+    original = {m: modules[m].weight.detach().clone() for m in delta}  # only these weights change
 
     def judge_dense(cut: Callable[[str, torch.Tensor], torch.Tensor]) -> tuple[float, float]:
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(original[n])
             for m, d in delta.items():
-                modules[m].weight.add_(cut(m, d).to(modules[m].weight.dtype))
+                modules[m].weight.copy_(original[m] + cut(m, d).to(original[m].dtype))
         return pipeline.refusal_rates(model, tok, unsafe)["unsafe"], mean_nll(model, tok, held)
 
     plan: list[tuple[str, Callable[[str, torch.Tensor], torch.Tensor]]] = []
