@@ -23,6 +23,7 @@ INPUT4 = dict(basis="kfac", k_in=4, k_out="all")
 CONTRAST4 = dict(INPUT4, contrastive=True)
 BLOCK16 = dict(basis="kfac", k_in=1, k_out="16")  # top 16 output directions on the top input direction (results §2)
 FULL = dict(lambda_a=1.0, lambda_t=0.01, lambda_nc=0.1)  # the penalty weights of the demo before the block basis
+NO_TREG = dict(FULL, lambda_t=0.0)  # the demo's weights now (run.AGL): no task regulariser
 VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "plain": None,
     "coordinate": (COORD, FULL),
@@ -46,10 +47,18 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "block16-1": (BLOCK16, dict(FULL, lambda_a=1.0, lambda_t=0.0)),  # the demo's AGL (run.MASK, run.AGL)
     "block16-10": (BLOCK16, dict(FULL, lambda_a=10.0, lambda_t=0.0)),
     "block64-10": (dict(BLOCK16, k_out="64"), dict(FULL, lambda_a=10.0, lambda_t=0.0)),
+    "block16-0.2": (BLOCK16, dict(NO_TREG, lambda_a=0.2)),
+    "block16-100": (BLOCK16, dict(NO_TREG, lambda_a=100.0)),
     "block16-fisher-only": (BLOCK16, dict(lambda_a=1.0, lambda_t=0.0, lambda_nc=0.0)),  # ablations of the demo's AGL
     "block16-hard-split": (BLOCK16, dict(FULL, lambda_a=1.0, lambda_t=0.0, split="hard")),
     "rho-0.1pct": (dict(COORD, rho=0.001), FULL),
     "rho-5pct": (dict(COORD, rho=0.05), FULL),
+    # the other bases with the demo's weights (no task regulariser), for a comparison at equal task loss
+    "coordinate-nt": (COORD, NO_TREG),
+    "kfac16-nt": (KFAC16, NO_TREG),
+    "input4-nt": (INPUT4, NO_TREG),
+    "rho-0.1pct-nt": (dict(COORD, rho=0.001), NO_TREG),
+    "rho-5pct-nt": (dict(COORD, rho=0.05), NO_TREG),
     # no AGL training: the same seed's plain adapter projected off the default basis' protected input directions
     "projected": (CONTRAST4, None),
     # plain LoRA trained less (lower lr), for a comparison with AGL at equal task loss
@@ -122,7 +131,6 @@ def run(args: argparse.Namespace, pm: Any) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    done = {(r["task"], r["seed"], r["variant"]) for r in _read(results_path)}
     probe = {}
     if args.forgetting:
         probe["forgetting_data"] = args.forgetting
@@ -159,6 +167,8 @@ def run(args: argparse.Namespace, pm: Any) -> int:
                                    "refusal": rr["unsafe"], "overrefusal": rr["safe"], "scores": rr["scores"]})
         for seed in args.seeds:
             for variant in args.variants:
+                # read before every run: another process on the same folder may have finished this one meanwhile
+                done = {(r["task"], r["seed"], r["variant"]) for r in _read(results_path)}
                 if (task, seed, variant) in done:
                     continue
                 if variant == "projected":
