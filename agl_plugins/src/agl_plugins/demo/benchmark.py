@@ -77,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser, pm: Any) -> None:
     parser.add_argument("--lambda-a", type=float, default=None, help="Override λ_A of every AGL variant.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine).")
     parser.add_argument("--max-eval", type=int, default=None, help="Evaluate on this many held-out prompts (default all).")
+    parser.add_argument("--max-train", type=int, default=None,
+                        help="Fine-tune on this many task rows (smoke runs; default: the whole task).")
+    parser.add_argument("--fisher-examples", type=int, default=None,
+                        help="Estimate the masks on this many alignment rows (smoke runs; default: the whole fisher "
+                             "split).")
     parser.add_argument("--forgetting", metavar="DATA", default=None,
                         help="Also record every run's forgetting curve on DATA (e.g. builtin:alignment-v1; plain LoRA "
                              "too, with AGL disabled): <out>/adapters/<task>/<seed>/<variant>.trainer/"
@@ -116,13 +121,13 @@ def run(args: argparse.Namespace, pm: Any) -> int:
     from ..models import load_model_and_tokenizer
     from . import align, pipeline
     from .data import eval_records
-    from .run import TASKS, task_rows
+    from .run import TASK_ROWS_VERSION, TASKS, task_rows
     from .train import ATTN, FinetuneSpec, mean_nll
 
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"Unknown variant(s) {unknown}; choose from {list(VARIANTS)}.")
-    for flag in ("threads", "max_eval", "forgetting_points"):
+    for flag in ("threads", "max_eval", "max_train", "fisher_examples", "forgetting_points"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={value} is invalid: must be ≥ 1.")
@@ -131,6 +136,8 @@ def run(args: argparse.Namespace, pm: Any) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
+    check_sizes(out, {"max_train": args.max_train, "max_eval": args.max_eval, "fisher_examples": args.fisher_examples,
+                      "task_rows_version": TASK_ROWS_VERSION})
     probe = {}
     if args.forgetting:
         probe["forgetting_data"] = args.forgetting
@@ -152,13 +159,15 @@ def run(args: argparse.Namespace, pm: Any) -> int:
         if not (path / "mask.safetensors").exists():
             if stats is None:
                 print("[benchmark] Fisher statistics (diagonal, K-FAC, reference) on the alignment data", flush=True)
-                stats = pipeline.estimate_stats(model, tok, ATTN, kinds=("diagonal", "contrastive"))
+                stats = pipeline.estimate_stats(model, tok, ATTN, kinds=("diagonal", "contrastive"),
+                                                max_examples=args.fisher_examples)
             pipeline.build_mask(stats, AGLConfig(**mask_fields(settings)), model, path,
                                 contrastive=bool(settings.get("contrastive")))
         masks[key] = path
     del stats
     for task in args.tasks:
         rows, held = task_rows(task, model, tok, out)
+        rows = rows[:args.max_train] if args.max_train else rows
         bases = [r for r in _read(results_path) if r["variant"] == "base"]
         if task not in {r["task"] for r in bases}:  # the base's answers do not depend on the task: judged once
             rr = next(({"unsafe": r["refusal"], "safe": r["overrefusal"], "scores": r["scores"]} for r in bases
@@ -214,6 +223,23 @@ def projected_row(out: Path, task: str, seed: int, mask: Path, base_dir: str, to
             "refusal": rr["unsafe"], "overrefusal": rr["safe"], "scores": rr["scores"],
             "train_s": time.perf_counter() - t0, "agl": None, "metrics": {"projected_modules": info["projected_modules"]},
             "forgetting": None}
+
+
+def check_sizes(out: Path, sizes: dict) -> None:
+    """Record the data sizes of a results folder in <out>/sizes.json; refuse to add runs of other sizes to it (their
+    rows would be compared with rows of different data)."""
+    path = out / "sizes.json"
+    if path.exists():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(previous) | set(sizes) if previous.get(k) != sizes.get(k))
+        if changed:
+            told = ", ".join(f"{k}: {previous.get(k)} there, {sizes.get(k)} now" for k in changed)
+            raise ValueError(f"{out} holds benchmark runs of other data sizes ({told}); choose another --out, or "
+                             f"repeat the options of the runs in it.")
+    elif (out / "results.jsonl").exists() and any(v is not None for k, v in sizes.items() if k != "task_rows_version"):
+        raise ValueError(f"{out} holds benchmark runs with no recorded sizes (full-size runs); choose another --out "
+                         "for a run with --max-train, --max-eval or --fisher-examples.")
+    atomic_write_bytes(path, json.dumps(sizes, indent=1).encode("utf-8"))
 
 
 def _read(path: Path) -> list[dict]:
