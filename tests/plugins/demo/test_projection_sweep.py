@@ -29,3 +29,20 @@ def test_they_maximise_the_ratio_of_alignment_to_task_curvature():
     for _ in range(50):  # no other direction has a larger ratio
         x = torch.randn(5, generator=g, dtype=torch.float64)
         assert (x @ GA @ x) / (x @ GT @ x) <= best + 1e-12
+
+
+def test_layer_of_reads_the_decoder_layer_of_peft_and_plain_module_names():
+    from agl_plugins.demo.projection_sweep import layer_of
+
+    assert layer_of("base_model.model.model.layers.17.self_attn.v_proj") == 17
+    assert layer_of("model.layers.0.self_attn.q_proj") == 0
+
+
+def test_the_fisher_statistics_refuse_unknown_labels_before_any_work():
+    import pytest
+
+    from agl_plugins.demo.pipeline import estimate_stats
+
+    for labels in ((), ("unsafe", "harmful")):
+        with pytest.raises(ValueError, match="choose one or both of 'unsafe' and 'safe'"):
+            estimate_stats(None, None, [], labels=labels)

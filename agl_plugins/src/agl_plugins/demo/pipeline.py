@@ -41,10 +41,16 @@ class FisherStats:
 
 def estimate_stats(model: Any, tokenizer: Any, targets: list[str], *, kinds: tuple[str, ...] = ("diagonal",),
                    batch_size: int = 8, max_length: int = 192, max_new_tokens: int = 48,
-                   progress: bool = True, max_examples: Optional[int] = None) -> FisherStats:
-    """Diagonal Fisher and/or K-FAC statistics on the alignment data, plus the benign reference covariance."""
-    rows = fisher_records()
-    if max_examples:  # keep both labels: alternate unsafe and safe rows
+                   progress: bool = True, max_examples: Optional[int] = None,
+                   labels: tuple[str, ...] = ("unsafe", "safe")) -> FisherStats:
+    """Diagonal Fisher and/or K-FAC statistics on the alignment data (its rows of the given labels), plus the benign
+    reference covariance."""
+    if not labels or set(labels) - {"unsafe", "safe"}:
+        raise ValueError(f"labels={labels!r}: choose one or both of 'unsafe' and 'safe'.")
+    rows = [r for r in fisher_records() if r["label"] in labels]
+    if max_examples and len(labels) == 1:
+        rows = rows[:max_examples]
+    elif max_examples:  # keep both labels: alternate unsafe and safe rows
         unsafe, safe = [r for r in rows if r["label"] == "unsafe"], [r for r in rows if r["label"] == "safe"]
         rows = [r for pair in zip(unsafe, safe) for r in pair][:max_examples]
     stats = FisherStats()

@@ -6,7 +6,9 @@ the aligned base's K-FAC statistics on alignment data (X: input covariance, G: o
 - `output`: the top-k output directions of G (`out-k`);
 - `block`: the top-k output directions of G on the top input direction of X only (`block-k`);
 - `contrastive-output`: on that top input direction, the top-k output directions of G relative to the task's own
-  output-gradient covariance (`cblock-k`).
+  output-gradient covariance (`cblock-k`);
+- `block-where`: the `block-k` part removed from one projection type only (`block-k-q_proj` …) or from one half of
+  the layers only (`block-k-layers-A-B`): where the cheaply kept drift sits.
 
     python -m agl_plugins.demo.projection_sweep --adapter out/demo/adapters/plain --out out/projection-sweep
 """
@@ -22,7 +24,14 @@ from typing import Callable
 
 import torch
 
-SWEEPS = ("input", "output", "block", "contrastive-output")
+SWEEPS = ("input", "output", "block", "contrastive-output", "block-where")
+TYPES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def layer_of(module: str) -> int:
+    """The decoder layer index in a module name such as 'model.layers.7.self_attn.q_proj'."""
+    parts = module.split(".")
+    return int(parts[parts.index("layers") + 1])
 
 
 def generalized_top(GA: torch.Tensor, GT: torch.Tensor, k: int, ridge: float = 1e-3) -> torch.Tensor:
@@ -42,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-ks", type=int, nargs="+", default=[1, 4, 16, 64], help="k of the output sweep.")
     parser.add_argument("--block-ks", type=int, nargs="+", default=[4, 16, 64], help="k of the two block sweeps.")
     parser.add_argument("--fisher-examples", type=int, default=96)
+    parser.add_argument("--fisher-labels", nargs="+", default=["unsafe", "safe"], choices=("unsafe", "safe"),
+                        help="Rows of the alignment data the statistics are estimated on (default: both labels).")
     parser.add_argument("--max-unsafe", type=int, default=120, help="Held-out unsafe prompts judged (first N).")
     parser.add_argument("--heldout", default="0:60", help="Rows START:END of the arithmetic generator used as "
                         "held-out task rows: the demo's held-out rows are 0:100; the 400-problem demo of commit "
@@ -68,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     base = align.ensure_aligned_base()
     model, tok = load_model_and_tokenizer(str(base), progress=lambda s: None)
-    stats = pipeline.estimate_stats(model, tok, ATTN, kinds=("contrastive",), max_examples=args.fisher_examples)
+    stats = pipeline.estimate_stats(model, tok, ATTN, kinds=("contrastive",), max_examples=args.fisher_examples,
+                                    labels=tuple(args.fisher_labels))
     unsafe = [r for r in eval_records() if r["label"] == "unsafe"][: args.max_unsafe]
     lo, hi = (int(x) for x in args.heldout.split(":"))
     held = arithmetic_task(0, hi)["heldout"][lo:hi]
@@ -135,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         plan.append((f"out-{k}", lambda m, d, k=k: remove_block(d, tops[m][1][:, :k])))
     for k in args.block_ks if "block" in dense else []:
         plan.append((f"block-{k}", lambda m, d, k=k: remove_block(d, tops[m][1][:, :k], tops[m][0][:, :1])))
+    n_layers = 1 + max(layer_of(m) for m in delta)
+    halves = [(0, n_layers // 2), (n_layers // 2, n_layers)]
+    for k in args.block_ks if "block-where" in dense else []:
+        def only(keep: Callable[[str], bool], k: int = k) -> Callable[[str, torch.Tensor], torch.Tensor]:
+            return lambda m, d: remove_block(d, tops[m][1][:, :k], tops[m][0][:, :1]) if keep(m) else d
+
+        for t in TYPES:
+            plan.append((f"block-{k}-{t}", only(lambda m, t=t: m.endswith(t))))
+        for lo, hi in halves:
+            plan.append((f"block-{k}-layers-{lo}-{hi - 1}", only(lambda m, lo=lo, hi=hi: lo <= layer_of(m) < hi)))
     for k in args.block_ks if "contrastive-output" in dense else []:
         plan.append((f"cblock-{k}", lambda m, d, k=k: remove_block(d, generalized_top(tops[m][2], tops[m][3], k),
                                                                    tops[m][0][:, :1])))
