@@ -55,6 +55,8 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "rho-5pct": (dict(COORD, rho=0.05), FULL),
     # the other bases with the demo's weights (no task regulariser), for a comparison at equal task loss
     "coordinate-nt": (COORD, NO_TREG),
+    "coordinate-nt-10": (COORD, dict(NO_TREG, lambda_a=10.0)),
+    "coordinate-nt-100": (COORD, dict(NO_TREG, lambda_a=100.0)),
     "kfac16-nt": (KFAC16, NO_TREG),
     "input4-nt": (INPUT4, NO_TREG),
     "rho-0.1pct-nt": (dict(COORD, rho=0.001), NO_TREG),
