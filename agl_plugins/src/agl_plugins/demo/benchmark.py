@@ -60,6 +60,7 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "kfac16-nt": (KFAC16, NO_TREG),
     "input4-nt": (INPUT4, NO_TREG),
     "rho-0.1pct-nt": (dict(COORD, rho=0.001), NO_TREG),
+    "rho-2pct-nt": (dict(COORD, rho=0.02), NO_TREG),
     "rho-5pct-nt": (dict(COORD, rho=0.05), NO_TREG),
     # no AGL training: the same seed's plain adapter projected off the default basis' protected input directions
     "projected": (CONTRAST4, None),
