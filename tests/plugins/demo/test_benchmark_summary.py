@@ -81,8 +81,11 @@ def test_fine_tune_changes_name_variants_and_fields_of_the_fine_tune():
         assert name in VARIANTS and set(change) <= fields and set(change) != {"seed"}
 
 
-def test_the_demo_runs_the_benchmark_variant_block16_1():
+def test_the_demo_runs_the_benchmark_variant_coordinate_nt_which_is_the_library_default():
+    from agl_core.config import AGLConfig
+
     from agl_plugins.demo.run import AGL, CONTRASTIVE, MASK
 
-    mask, penalty = VARIANTS["block16-1"]
+    mask, penalty = VARIANTS["coordinate-nt"]
     assert mask == MASK and penalty == AGL and not CONTRASTIVE and not mask.get("contrastive")
+    assert AGLConfig(**MASK, **AGL) == AGLConfig()

@@ -23,7 +23,7 @@ INPUT4 = dict(basis="kfac", k_in=4, k_out="all")
 CONTRAST4 = dict(INPUT4, contrastive=True)
 BLOCK16 = dict(basis="kfac", k_in=1, k_out="16")  # top 16 output directions on the top input direction (results §2)
 FULL = dict(lambda_a=1.0, lambda_t=0.01, lambda_nc=0.1)  # the penalty weights of the demo before the block basis
-NO_TREG = dict(FULL, lambda_t=0.0)  # the demo's weights now (run.AGL): no task regulariser
+NO_TREG = dict(FULL, lambda_t=0.0)  # the demo's weights now (run.AGL, AGLConfig's defaults): no task regulariser
 VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "plain": None,
     "coordinate": (COORD, FULL),
@@ -44,17 +44,17 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "coordinate-1e3": (COORD, dict(FULL, lambda_a=1e3)),
     "input-only-1e3": (CONTRAST4, dict(FULL, lambda_a=1e3, lambda_t=0.0)),  # no task regulariser: only L_A + collision
     "block16-0.3": (BLOCK16, dict(FULL, lambda_a=0.3, lambda_t=0.0)),
-    "block16-1": (BLOCK16, dict(FULL, lambda_a=1.0, lambda_t=0.0)),  # the demo's AGL (run.MASK, run.AGL)
+    "block16-1": (BLOCK16, dict(FULL, lambda_a=1.0, lambda_t=0.0)),  # the demo's AGL before coordinate-nt
     "block16-10": (BLOCK16, dict(FULL, lambda_a=10.0, lambda_t=0.0)),
     "block64-10": (dict(BLOCK16, k_out="64"), dict(FULL, lambda_a=10.0, lambda_t=0.0)),
     "block16-0.2": (BLOCK16, dict(NO_TREG, lambda_a=0.2)),
     "block16-100": (BLOCK16, dict(NO_TREG, lambda_a=100.0)),
-    "block16-fisher-only": (BLOCK16, dict(lambda_a=1.0, lambda_t=0.0, lambda_nc=0.0)),  # ablations of the demo's AGL
+    "block16-fisher-only": (BLOCK16, dict(lambda_a=1.0, lambda_t=0.0, lambda_nc=0.0)),  # ablations of block16-1
     "block16-hard-split": (BLOCK16, dict(FULL, lambda_a=1.0, lambda_t=0.0, split="hard")),
     "rho-0.1pct": (dict(COORD, rho=0.001), FULL),
     "rho-5pct": (dict(COORD, rho=0.05), FULL),
     # the other bases with the demo's weights (no task regulariser), for a comparison at equal task loss
-    "coordinate-nt": (COORD, NO_TREG),
+    "coordinate-nt": (COORD, NO_TREG),  # the demo's AGL (run.MASK, run.AGL) = AGLConfig's defaults
     "coordinate-nt-10": (COORD, dict(NO_TREG, lambda_a=10.0)),
     "coordinate-nt-100": (COORD, dict(NO_TREG, lambda_a=100.0)),
     "kfac16-nt": (KFAC16, NO_TREG),

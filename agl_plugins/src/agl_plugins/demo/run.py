@@ -19,10 +19,11 @@ from .pipeline import EVAL_NEW_TOKENS
 from .data import arithmetic_task, check_disjoint, eval_records, split_benign, sure_response
 from .train import ATTN, FinetuneSpec, mean_nll
 
-# The project's defaults for the demo, chosen by the measurements in docs/results.md (§4b): the K-FAC block of the
-# top 16 output-gradient directions on the top input direction of each module, the alignment term without the task
-# regulariser (= `agl benchmark`'s variant block16-1).
-MASK = dict(basis="kfac", k_in=1, k_out="16")
+# The demo's AGL, chosen by the measurements in docs/results.md (§4c): the setting with the largest drift reduction
+# within 2 % of plain LoRA's task loss over three seeds — the diagonal Fisher's top 1 % of coordinates, the alignment
+# term without the task regulariser. These are AGLConfig's defaults (a test checks it) and `agl benchmark`'s variant
+# coordinate-nt; they are spelled out so that the demo's settings guard sees any change.
+MASK = dict(basis="coordinate", rho=0.01)
 CONTRASTIVE = False
 AGL = dict(lambda_a=1.0, lambda_t=0.0, lambda_nc=0.1)
 TASKS = {
