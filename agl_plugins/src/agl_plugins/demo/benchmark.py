@@ -62,7 +62,7 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "rho-0.1pct-nt": (dict(COORD, rho=0.001), NO_TREG),
     "rho-2pct-nt": (dict(COORD, rho=0.02), NO_TREG),
     "rho-5pct-nt": (dict(COORD, rho=0.05), NO_TREG),
-    # no AGL training: the same seed's plain adapter projected off the default basis' protected input directions
+    # no AGL training: the same seed's plain adapter projected off contrastive4's protected input directions
     "projected": (CONTRAST4, None),
     # plain LoRA trained less (lower lr), for a comparison with AGL at equal task loss
     "plain-lr3e-4": None,
