@@ -57,6 +57,9 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "coordinate-nt": (COORD, NO_TREG),  # the demo's AGL (run.MASK, run.AGL) = AGLConfig's defaults
     "coordinate-nt-10": (COORD, dict(NO_TREG, lambda_a=10.0)),
     "coordinate-nt-100": (COORD, dict(NO_TREG, lambda_a=100.0)),
+    "coordinate-nt-1e3": (COORD, dict(NO_TREG, lambda_a=1e3)),
+    "coordinate-nt-fisher-only": (COORD, dict(NO_TREG, lambda_nc=0.0)),  # ablations of the demo's AGL
+    "coordinate-nt-hard-split": (COORD, dict(NO_TREG, split="hard")),
     "kfac16-nt": (KFAC16, NO_TREG),
     "input4-nt": (INPUT4, NO_TREG),
     "rho-0.1pct-nt": (dict(COORD, rho=0.001), NO_TREG),
