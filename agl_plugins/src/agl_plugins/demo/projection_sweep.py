@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
         for t in TYPES:
             plan.append((f"block-{k}-{t}", only(lambda m, t=t: m.endswith(t))))
-        for lo, hi in halves:
-            plan.append((f"block-{k}-layers-{lo}-{hi - 1}", only(lambda m, lo=lo, hi=hi: lo <= layer_of(m) < hi)))
+        for a, b in halves:
+            plan.append((f"block-{k}-layers-{a}-{b - 1}", only(lambda m, a=a, b=b: a <= layer_of(m) < b)))
     for k in args.block_ks if "contrastive-output" in dense else []:
         plan.append((f"cblock-{k}", lambda m, d, k=k: remove_block(d, generalized_top(tops[m][2], tops[m][3], k),
                                                                    tops[m][0][:, :1])))
