@@ -40,6 +40,17 @@ def test_margin_equals_direct_log_prob_difference(model64, use_cache):
         assert value == pytest.approx(ref - com, rel=1e-10, abs=1e-10)
 
 
+@pytest.mark.parametrize("refusal,compliance", [(["N", "No", "Nah"], ["Y", "Ye", "OK"]), (["N"], ["Y", "K"])])
+def test_margin_with_openings_of_one_token_and_of_shared_lengths(model64, refusal, compliance):
+    """One-token openings come from the prompt pass alone; longer ones share a pass per length (here 1, 2 and 3)."""
+    model, tok = model64
+    got = refusal_margins(model, tok, PROMPTS, refusal=refusal, compliance=compliance, batch_size=2)
+    for prompt, value in zip(PROMPTS, got):
+        want = (sum(direct_log_prob(model, tok, prompt, o) for o in refusal) / len(refusal)
+                - sum(direct_log_prob(model, tok, prompt, o) for o in compliance) / len(compliance))
+        assert value == pytest.approx(want, rel=1e-10, abs=1e-10)
+
+
 def test_margin_with_custom_openings_and_through_a_lora_adapter(model64):
     model, tok = model64
     lora = tiny.tiny_lora(tiny.tiny_llama(seed=3, dtype=torch.float64), seed=4).eval()

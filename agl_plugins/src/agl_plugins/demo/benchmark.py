@@ -166,7 +166,8 @@ def run(args: argparse.Namespace, pm: Any) -> int:
             if stats is None:
                 print("[benchmark] Fisher statistics (diagonal, K-FAC, reference) on the alignment data", flush=True)
                 stats = pipeline.estimate_stats(model, tok, ATTN, kinds=("diagonal", "contrastive"),
-                                                max_examples=args.fisher_examples)
+                                                max_examples=args.fisher_examples,
+                                                targets_cache=pipeline.targets_cache_dir(base_dir))
             pipeline.build_mask(stats, AGLConfig(**mask_fields(settings)), model, path,
                                 contrastive=bool(settings.get("contrastive")))
         masks[key] = path

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,7 @@ import torch
 
 from agl_core.batches import make_batches
 from agl_core.config import AGLConfig
+from agl_core.safeio import atomic_write_bytes
 from agl_core.fisher import estimate_fisher, estimate_input_covariance, estimate_kfac
 from agl_core.mask import FisherMask
 
@@ -42,9 +44,12 @@ class FisherStats:
 def estimate_stats(model: Any, tokenizer: Any, targets: list[str], *, kinds: tuple[str, ...] = ("diagonal",),
                    batch_size: int = 8, max_length: int = 192, max_new_tokens: int = 48,
                    progress: bool = True, max_examples: Optional[int] = None,
-                   labels: tuple[str, ...] = ("unsafe", "safe")) -> FisherStats:
+                   labels: tuple[str, ...] = ("unsafe", "safe"), targets_cache: Optional[Path] = None) -> FisherStats:
     """Diagonal Fisher and/or K-FAC statistics on the alignment data (its rows of the given labels), plus the benign
-    reference covariance."""
+    reference covariance.
+
+    targets_cache: a folder (one per base model: `targets_cache_dir`) keeping the base's generated answers to the
+    safe rows, which are otherwise generated anew each time (a minute on one CPU core)."""
     if not labels or set(labels) - {"unsafe", "safe"}:
         raise ValueError(f"labels={labels!r}: choose one or both of 'unsafe' and 'safe'.")
     rows = [r for r in fisher_records() if r["label"] in labels]
@@ -57,6 +62,9 @@ def estimate_stats(model: Any, tokenizer: Any, targets: list[str], *, kinds: tup
     t0 = time.perf_counter()
     batches = make_batches([{"prompt": r["prompt"], "response": r["response"]} for r in rows], tokenizer,
                            batch_size=batch_size, max_length=max_length, model=model, max_new_tokens=max_new_tokens)
+    cached = targets_cache / f"{_targets_key(batches.examples, batch_size, max_length, max_new_tokens)}.json" \
+        if targets_cache is not None else None
+    reused = _fill_cached_targets(batches.examples, cached)
     common = dict(target_modules=list(targets), progress=progress)
     if "diagonal" in kinds:
         stats.diagonal = estimate_fisher(model, batches, **common)
@@ -67,7 +75,40 @@ def estimate_stats(model: Any, tokenizer: Any, targets: list[str], *, kinds: tup
         ref_batches = make_batches(ref, tokenizer, batch_size=batch_size, max_length=max_length)
         stats.reference = estimate_input_covariance(model, ref_batches, **common)
     stats.seconds["fisher"] = time.perf_counter() - t0
+    if cached is not None and not reused and all(t is not None for _, t in batches.examples):
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cached, json.dumps([t for _, t in batches.examples]).encode("utf-8"))
     return stats
+
+
+def targets_cache_dir(base_dir: Path) -> Path:
+    """Where the Fisher data's generated answers of the base model in `base_dir` are kept (next to its folder)."""
+    return base_dir.parent / f"{base_dir.name}-fisher-targets"
+
+
+def _targets_key(examples: list[tuple[list[int], Optional[list[int]]]], batch_size: int, max_length: int,
+                 max_new_tokens: int) -> str:
+    """Names everything the generated answers depend on besides the model: the token ids of every example (the
+    given answers included), and the batching (a row's padding), length and generation settings."""
+    blob = json.dumps([examples, batch_size, max_length, max_new_tokens], separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _fill_cached_targets(examples: list[tuple[list[int], Optional[list[int]]]], path: Optional[Path]) -> bool:
+    """Fill the examples' missing answers from `path`; False (nothing changed) if it is absent or unreadable."""
+    if path is None or not path.is_file():
+        return False
+    try:
+        targets = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(targets, list) and len(targets) == len(examples) and all(
+            isinstance(t, list) and all(isinstance(i, int) for i in t) for t in targets)):
+        return False  # not written by this function: generate again (and overwrite it)
+    for i, ((prompt, target), kept) in enumerate(zip(examples, targets)):
+        if target is None:
+            examples[i] = (prompt, kept)
+    return True
 
 
 def build_mask(stats: FisherStats, config: AGLConfig, model: Any, out: Path, *, contrastive: bool = False) -> Path:

@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     base = align.ensure_aligned_base()
     model, tok = load_model_and_tokenizer(str(base), progress=lambda s: None)
     stats = pipeline.estimate_stats(model, tok, ATTN, kinds=("contrastive",), max_examples=args.fisher_examples,
-                                    labels=tuple(args.fisher_labels))
+                                    labels=tuple(args.fisher_labels),
+                                    targets_cache=pipeline.targets_cache_dir(base))
     unsafe = [r for r in eval_records() if r["label"] == "unsafe"][: args.max_unsafe]
     lo, hi = (int(x) for x in args.heldout.split(":"))
     held = arithmetic_task(0, hi)["heldout"][lo:hi]

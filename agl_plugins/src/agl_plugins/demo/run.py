@@ -153,7 +153,7 @@ def _fisher_job(base_dir: Path, opts: DemoOptions, mask_dir: Path) -> None:
     mask_cfg = AGLConfig(**opts.mask)
     kinds = ("contrastive",) if opts.contrastive else (("kfac",) if mask_cfg.basis == "kfac" else ("diagonal",))
     stats = pipeline.estimate_stats(model, tokenizer, ATTN, kinds=kinds, max_examples=opts.fisher_examples,
-                                    progress=False)
+                                    progress=False, targets_cache=pipeline.targets_cache_dir(base_dir))
     pipeline.build_mask(stats, mask_cfg, model, mask_dir, contrastive=opts.contrastive)
 
 
