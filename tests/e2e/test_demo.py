@@ -63,11 +63,13 @@ def test_each_fine_tunes_driftcheck_is_split_across_the_workers_and_merged(demo_
     out, proc = demo_run
     merged = [json.loads(line) for line in (out / "drift" / "results.jsonl").read_text().splitlines()]
     for name in ("plain", "agl"):
-        parts = [[json.loads(line) for line in (out / "drift-runs" / f"{name}-part{i}of2" / "results.jsonl")
-                  .read_text().splitlines()] for i in (1, 2)]
+        parts = [[json.loads(line) for line in (out / "drift-runs" / f"{name}-part{i}of4" / "results.jsonl")
+                  .read_text().splitlines()] for i in range(1, 5)]
         want = {(r["judge"], r["id"]): r["score"] for r in merged if r["model"] == name}
         assert {(r["judge"], r["id"]): r["score"] for rows in parts for r in rows if r["model"] == name} == want
-        assert f"{name} judged 2/2: done" in proc.stdout
+        assert f"{name} judged 4/4: done" in proc.stdout
+    # the Fisher mask starts as soon as the aligned base is there, before the checks that load the model
+    assert proc.stdout.index("[2/5]") < proc.stdout.index("2 worker processes") < proc.stdout.index("[3/5]")
 
 
 def test_demo_reuses_finished_stages(demo_run):
@@ -84,7 +86,7 @@ def test_demo_reuses_finished_stages(demo_run):
     assert after["timings_s"]["plain"] < before["timings_s"]["plain"]
     assert "fisher mask" not in after["timings_s"]  # the mask was reused, not estimated again
     assert "Fisher mask: reused" in proc.stdout
-    assert after["timings_s"]["plain judged"] < before["timings_s"]["plain judged 1/2"]  # rows of both parts reused
+    assert after["timings_s"]["plain judged"] < before["timings_s"]["plain judged 1/4"]  # rows of every part reused
     report = json.loads((out / "drift" / "report.json").read_text())  # rebuilt from the reused rows
     assert {m["name"] for m in report["models"]} == {"base", "plain", "agl"}
 

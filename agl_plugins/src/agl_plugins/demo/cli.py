@@ -4,9 +4,6 @@ fine-tune with and without AGL, and what each did to the refusal behaviour and t
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 

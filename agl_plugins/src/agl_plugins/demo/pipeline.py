@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 
 from agl_core.batches import make_batches
 from agl_core.config import AGLConfig

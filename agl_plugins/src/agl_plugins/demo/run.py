@@ -214,9 +214,6 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     need is there: the Fisher mask and the base's evaluation first, then each fine-tune with its evaluation."""
     from peft import PeftModel  # noqa: F401  (fail early, before any long stage, if peft is missing)
 
-    from ..drift.runner import run_drift
-    from ..models import load_model_and_tokenizer
-
     if opts.task not in TASKS:
         raise ValueError(f"task={opts.task!r} is not a demo task; choose one of {sorted(TASKS)}.")
     workers = opts.workers or default_workers()
@@ -226,18 +223,48 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     start, n = time.perf_counter(), 5
     _stage(opts, 1, n, "aligned base (SmolLM2-135M-Instruct + the shipped refusal adapter, merged; cached)")
     base_dir = align.ensure_aligned_base(progress=opts.log)
+    mask_dir = out / "mask"
+    need_mask = opts.overwrite or not (mask_dir / "mask.safetensors").exists()
+    pool: Any = _Inline()
+    if workers > 1:  # started now, so that the workers' start and the Fisher mask overlap the checks below
+        import multiprocessing
+
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(opts.threads or 1,))
+    job_opts = replace(opts, log=print) if workers > 1 else opts  # what a worker process gets (picklable)
+    running: dict[Future, tuple[str, float]] = {}
+    try:
+        check_disjoint([r["prompt"] for r in pipeline.fisher_records()], [r["prompt"] for r in eval_records()],
+                       "Fisher")
+        if need_mask and workers > 1:
+            t = _stage(opts, 2, n, FISHER_STAGE)
+            running[pool.submit(_fisher_job, base_dir, job_opts, mask_dir)] = ("fisher", t)
+        return _run_stages(opts, base_dir, mask_dir, need_mask, pool, job_opts, running, workers, start, n)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+FISHER_STAGE = "Fisher mask from alignment-v1's fisher split (disjoint from every evaluation prompt)"
+
+
+def _run_stages(opts: DemoOptions, base_dir: Path, mask_dir: Path, need_mask: bool, pool: Any, job_opts: DemoOptions,
+                running: dict[Future, tuple[str, float]], workers: int, start: float, n: int) -> dict[str, Any]:
+    """The demo after its first checks: the rest of the stages on `pool` (the Fisher mask may be running already),
+    then the report."""
+    from ..drift.runner import run_drift
+    from ..models import load_model_and_tokenizer
+
+    out = opts.out
     model, tokenizer = load_model_and_tokenizer(str(base_dir), progress=lambda s: None)
-    check_disjoint([r["prompt"] for r in pipeline.fisher_records()], [r["prompt"] for r in eval_records()], "Fisher")
     rows, held = task_rows(opts.task, model, tokenizer, out)
     rows = rows[:opts.max_train] if opts.max_train else rows
     base_loss = mean_nll(model, tokenizer, held)  # the aligned base on the held-out task rows
     del model
     timings = {"aligned base": time.perf_counter() - start}
     spec_args = {**TASKS[opts.task]["spec"], **opts.spec}
-    mask_dir = out / "mask"
     specs = {"plain": FinetuneSpec(seed=opts.seed, agl=None, **spec_args),
              "agl": FinetuneSpec(seed=opts.seed, agl=_agl_config(opts, mask_dir), **spec_args)}
-    what = {"fisher": (2, "Fisher mask from alignment-v1's fisher split (disjoint from every evaluation prompt)"),
+    what = {"fisher": (2, FISHER_STAGE),
             "plain": (3, f"plain LoRA on '{opts.task}': {len(rows)} examples, {spec_args['epochs']:g} epochs, "
                          f"lr {spec_args['lr']:g}"),
             "agl": (4, "LoRA + AGL (same data, seed, steps)"),
@@ -245,21 +272,16 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                          "each fine-tune as soon as it is trained")}
     opts.log(f"      {workers} worker process{'es' if workers > 1 else ''} of {opts.threads or 1} thread(s)"
              if workers > 1 else "      one process")
-    pool: Any = _Inline()
-    if workers > 1:
-        import multiprocessing
-
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(opts.threads or 1,))
-    job_opts = replace(opts, log=print) if workers > 1 else opts  # what a worker process gets (picklable)
     results: dict[str, dict] = {}
-    # Each fine-tune's DriftCheck is split into one part per worker, so that the last fine-tune's evaluation uses
-    # every core; the report merges the parts' rows.
-    parts: list[Optional[tuple[int, int]]] = [(i, workers) for i in range(1, workers + 1)] if workers > 1 else [None]
-    need_mask = opts.overwrite or not (mask_dir / "mask.safetensors").exists()
+    # Each fine-tune's DriftCheck is split into two parts per worker, so that the last fine-tune's evaluation uses
+    # every core and the workers finish close together; the report merges the parts' rows.
+    n_parts = 2 * workers
+    parts: list[Optional[tuple[int, int]]] = [(i, n_parts) for i in range(1, n_parts + 1)] if workers > 1 else [None]
+    started = {name for name, _ in running.values()}
     # (name, what it needs, the call): in priority order; a free worker takes the first job whose needs are done
     jobs: list[tuple[str, set[str], Callable[[], tuple]]] = [
-        *([("fisher", set(), lambda: (_fisher_job, base_dir, job_opts, mask_dir))] if need_mask else []),
+        *([("fisher", set(), lambda: (_fisher_job, base_dir, job_opts, mask_dir))]
+          if need_mask and "fisher" not in started else []),
         ("plain", set(), lambda: (_finetune_job, base_dir, job_opts, "plain", rows, held, specs["plain"])),
         ("agl", {"fisher"}, lambda: (_finetune_job, base_dir, job_opts, "agl", rows, held, specs["agl"])),
         ("base", set(), lambda: (_base_job, base_dir, job_opts)),
@@ -267,37 +289,34 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
            lambda name=name, part=part: (_judge_job, base_dir, job_opts, name, results[name]["adapter"], part))
           for name in ("agl", "plain") for part in parts]]
     done: set[str] = set() if need_mask else {"fisher"}
-    if not need_mask:
+    if not need_mask or "fisher" in started:
         what.pop("fisher")
+    if not need_mask:
         _stage(opts, 2, n, f"Fisher mask: reused ({mask_dir})")
-    running: dict[Future, tuple[str, float]] = {}
-    try:
-        while jobs or running:
-            for job in [j for j in jobs if j[1] <= done]:
-                if len(running) >= workers:
-                    break
-                jobs.remove(job)
-                name, _, call = job
-                stage = what.pop(name if name in ("fisher", "plain", "agl") else "judge", None)
-                t = _stage(opts, stage[0], n, stage[1]) if stage else time.perf_counter()
-                fn, *args = call()
-                running[pool.submit(fn, *args)] = (name, t)
-            if not running:
-                raise RuntimeError(f"demo stages {[j[0] for j in jobs]} wait for stages that never ran")  # a bug
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for future in finished:
-                name, t = running.pop(future)
-                value = future.result()  # a job's error stops the demo here, with its own message
-                minutes = (time.perf_counter() - t) / 60
-                timings[{"fisher": "fisher mask", "base": "base judged"}.get(name, name)] = time.perf_counter() - t
-                done.add(name)
-                if name in ("plain", "agl"):
-                    results[name] = value
-                    opts.log(f"      {name}: held-out task loss {value['task_loss']:.4f} ({minutes:.1f} min)")
-                else:
-                    opts.log(f"      {name}: done ({minutes:.1f} min)")
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    while jobs or running:
+        for job in [j for j in jobs if j[1] <= done]:
+            if len(running) >= workers:
+                break
+            jobs.remove(job)
+            name, _, call = job
+            stage = what.pop(name if name in ("fisher", "plain", "agl") else "judge", None)
+            t = _stage(opts, stage[0], n, stage[1]) if stage else time.perf_counter()
+            fn, *args = call()
+            running[pool.submit(fn, *args)] = (name, t)
+        if not running:
+            raise RuntimeError(f"demo stages {[j[0] for j in jobs]} wait for stages that never ran")  # a bug
+        finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+        for future in finished:
+            name, t = running.pop(future)
+            value = future.result()  # a job's error stops the demo here, with its own message
+            minutes = (time.perf_counter() - t) / 60
+            timings[{"fisher": "fisher mask", "base": "base judged"}.get(name, name)] = time.perf_counter() - t
+            done.add(name)
+            if name in ("plain", "agl"):
+                results[name] = value
+                opts.log(f"      {name}: held-out task loss {value['task_loss']:.4f} ({minutes:.1f} min)")
+            else:
+                opts.log(f"      {name}: done ({minutes:.1f} min)")
 
     t = time.perf_counter()
     report = run_drift(_drift_options(base_dir, out / "drift", {k: v["adapter"] for k, v in results.items()}, opts,
