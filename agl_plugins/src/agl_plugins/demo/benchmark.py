@@ -61,7 +61,10 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "coordinate-nt-fisher-only": (COORD, dict(NO_TREG, lambda_nc=0.0)),  # ablations of the demo's AGL
     "coordinate-nt-hard-split": (COORD, dict(NO_TREG, split="hard")),
     "kfac16-nt": (KFAC16, NO_TREG),
+    "kfac16-nt-1e3": (KFAC16, dict(NO_TREG, lambda_a=1e3)),
     "input4-nt": (INPUT4, NO_TREG),
+    "input4-nt-100": (INPUT4, dict(NO_TREG, lambda_a=100.0)),  # the input side (not contrastive) on the stress test
+    "input4-nt-1e3": (INPUT4, dict(NO_TREG, lambda_a=1e3)),
     "rho-0.1pct-nt": (dict(COORD, rho=0.001), NO_TREG),
     "rho-2pct-nt": (dict(COORD, rho=0.02), NO_TREG),
     "rho-5pct-nt": (dict(COORD, rho=0.05), NO_TREG),
