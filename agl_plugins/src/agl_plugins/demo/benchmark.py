@@ -253,9 +253,26 @@ def check_sizes(out: Path, sizes: dict) -> None:
 
 
 def _read(path: Path) -> list[dict]:
+    """The finished runs in results.jsonl. A line that is not a JSON row (cut by a crash, or a row another process
+    is writing this instant) is skipped with a warning: its run counts as not finished and is done again."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, bad = [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and {"task", "seed", "variant"} <= row.keys():
+            rows.append(row)
+        else:
+            bad.append(i)
+    if bad:
+        print(f"[benchmark] warning: {path} line(s) {', '.join(map(str, bad))} are not result rows (an interrupted "
+              "write?): skipped, so those runs are done again; delete the lines to silence this.", flush=True)
+    return rows
 
 
 def _append(path: Path, row: dict) -> None:
