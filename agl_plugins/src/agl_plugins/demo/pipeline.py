@@ -44,25 +44,12 @@ def estimate_stats(model: Any, tokenizer: Any, targets: list[str], *, kinds: tup
                    progress: bool = True, max_examples: Optional[int] = None,
                    labels: tuple[str, ...] = ("unsafe", "safe"), targets_cache: Optional[Path] = None) -> FisherStats:
     """Diagonal Fisher and/or K-FAC statistics on the alignment data (its rows of the given labels), plus the benign
-    reference covariance.
-
-    targets_cache: a folder (one per base model: `targets_cache_dir`) keeping the base's generated answers to the
-    safe rows, which are otherwise generated anew each time (a minute on one CPU core)."""
-    if not labels or set(labels) - {"unsafe", "safe"}:
-        raise ValueError(f"labels={labels!r}: choose one or both of 'unsafe' and 'safe'.")
-    rows = [r for r in fisher_records() if r["label"] in labels]
-    if max_examples and len(labels) == 1:
-        rows = rows[:max_examples]
-    elif max_examples:  # keep both labels: alternate unsafe and safe rows
-        unsafe, safe = [r for r in rows if r["label"] == "unsafe"], [r for r in rows if r["label"] == "safe"]
-        rows = [r for pair in zip(unsafe, safe) for r in pair][:max_examples]
+    reference covariance. The batches and `targets_cache` are those of `fisher_batches`."""
     stats = FisherStats()
     t0 = time.perf_counter()
-    batches = make_batches([{"prompt": r["prompt"], "response": r["response"]} for r in rows], tokenizer,
-                           batch_size=batch_size, max_length=max_length, model=model, max_new_tokens=max_new_tokens)
-    cached = targets_cache / f"{_targets_key(batches.examples, batch_size, max_length, max_new_tokens)}.json" \
-        if targets_cache is not None else None
-    reused = _fill_cached_targets(batches.examples, cached)
+    batches = fisher_batches(model, tokenizer, batch_size=batch_size, max_length=max_length,
+                             max_new_tokens=max_new_tokens, max_examples=max_examples, labels=labels,
+                             targets_cache=targets_cache)
     common = dict(target_modules=list(targets), progress=progress)
     if "diagonal" in kinds:
         stats.diagonal = estimate_fisher(model, batches, **common)
@@ -73,10 +60,36 @@ def estimate_stats(model: Any, tokenizer: Any, targets: list[str], *, kinds: tup
         ref_batches = make_batches(ref, tokenizer, batch_size=batch_size, max_length=max_length)
         stats.reference = estimate_input_covariance(model, ref_batches, **common)
     stats.seconds["fisher"] = time.perf_counter() - t0
-    if cached is not None and not reused and all(t is not None for _, t in batches.examples):
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cached, json.dumps([t for _, t in batches.examples]).encode("utf-8"))
     return stats
+
+
+def fisher_batches(model: Any, tokenizer: Any, *, batch_size: int = 8, max_length: int = 192, max_new_tokens: int = 48,
+                   max_examples: Optional[int] = None, labels: tuple[str, ...] = ("unsafe", "safe"),
+                   targets_cache: Optional[Path] = None) -> Any:
+    """Token batches of the alignment data's rows of the given labels, every target filled in: the written refusals,
+    and the model's greedy answers to the safe prompts.
+
+    targets_cache: a folder (one per base model: `targets_cache_dir`) keeping those generated answers, which are
+    otherwise generated anew each time (a minute on one CPU core for the 59 safe rows)."""
+    if not labels or set(labels) - {"unsafe", "safe"}:
+        raise ValueError(f"labels={labels!r}: choose one or both of 'unsafe' and 'safe'.")
+    rows = [r for r in fisher_records() if r["label"] in labels]
+    if max_examples and len(labels) == 1:
+        rows = rows[:max_examples]
+    elif max_examples:  # keep both labels: alternate unsafe and safe rows
+        unsafe, safe = [r for r in rows if r["label"] == "unsafe"], [r for r in rows if r["label"] == "safe"]
+        rows = [r for pair in zip(unsafe, safe) for r in pair][:max_examples]
+    batches = make_batches([{"prompt": r["prompt"], "response": r["response"]} for r in rows], tokenizer,
+                           batch_size=batch_size, max_length=max_length, model=model, max_new_tokens=max_new_tokens)
+    cached = targets_cache / f"{_targets_key(batches.examples, batch_size, max_length, max_new_tokens)}.json" \
+        if targets_cache is not None else None
+    if not _fill_cached_targets(batches.examples, cached):
+        for i in range(len(batches)):  # generate batch by batch, as a lazy pass would (same padding, same answers)
+            batches[i]
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(cached, json.dumps([t for _, t in batches.examples]).encode("utf-8"))
+    return batches
 
 
 def targets_cache_dir(base_dir: Path) -> Path:
