@@ -60,6 +60,8 @@ VARIANTS: dict[str, Optional[tuple[dict, dict]]] = {
     "coordinate-nt-1e3": (COORD, dict(NO_TREG, lambda_a=1e3)),
     "coordinate-nt-fisher-only": (COORD, dict(NO_TREG, lambda_nc=0.0)),  # ablations of the demo's AGL
     "coordinate-nt-hard-split": (COORD, dict(NO_TREG, split="hard")),
+    # the penalty on the k_proj and o_proj adapters only (the projections whose removal cost least, results §2)
+    "coordinate-nt-ko": (COORD, dict(NO_TREG, target_modules=["k_proj", "o_proj"])),
     "kfac16-nt": (KFAC16, NO_TREG),
     "kfac16-nt-1e3": (KFAC16, dict(NO_TREG, lambda_a=1e3)),
     "input4-nt": (INPUT4, NO_TREG),
