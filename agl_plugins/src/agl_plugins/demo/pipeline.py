@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-
 from agl_core.batches import make_batches
 from agl_core.config import AGLConfig
-from agl_core.safeio import atomic_write_bytes
 from agl_core.fisher import estimate_fisher, estimate_input_covariance, estimate_kfac
 from agl_core.mask import FisherMask
+from agl_core.safeio import atomic_write_bytes
 
 from ..forgetting import FORGET_FILE
 from ..prompts import alignment_v1

@@ -38,8 +38,8 @@ def _cached(model: Any, prompts: list[list[int]], openings: list[list[int]], pad
     """(b, k) log p(opening j | prompt i): one pass over the prompts, then one cached pass per opening length.
 
     Openings of one token are read off the prompt pass; longer ones are grouped by length so that no row of the
-    second pass is padding (the default openings have 3, 8, 3, 1, 2 and 1 tokens: 12 extra tokens per prompt
-    instead of 6 × 7 when every opening was padded to the longest)."""
+    second pass is padding (SmolLM2's tokenizer splits the default openings into 3, 8, 3, 1, 2 and 1 tokens: 12
+    extra tokens per prompt, against 6 × 7 when every opening was padded to the longest)."""
     device = model_device(model)
     ids, mask, pos = left_pad(prompts, pad, device)  # (b, T)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
