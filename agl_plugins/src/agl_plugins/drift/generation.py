@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from agl_core.batches import left_pad as core_left_pad
@@ -53,7 +55,67 @@ def greedy_responses(model: Any, tokenizer: Any, prompts: list[str], *, max_new_
         for start in range(0, len(rendered), batch_size):
             ids, mask, _ = left_pad(rendered[start:start + batch_size], pad, device)
             gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)  # (b, T + new)
-            for row in gen[:, ids.shape[1]:].tolist():
-                cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-                out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+            out += response_texts(tokenizer, gen[:, ids.shape[1]:].tolist(), eos)
     return out
+
+
+def response_texts(tokenizer: Any, rows: list[list[int]], eos: list[int]) -> list[str]:
+    """Each generated row cut before its first end-of-sequence id, decoded without special tokens, stripped."""
+    out = []
+    for row in rows:
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return out
+
+
+@dataclass
+class PromptPass:
+    """One cached forward pass over left-padded prompts: what the margin and greedy generation both start from."""
+
+    last_logits: torch.Tensor  # (b, V): the logits at each prompt's last position
+    cache: Any  # the KV cache of the prompts (extended in place by whoever continues from it last)
+    mask: torch.Tensor  # (b, T) attention mask
+    pos: torch.Tensor  # (b, T) position ids
+
+
+def prompt_pass(model: Any, prompts: list[list[int]], pad: int) -> Optional[PromptPass]:
+    """The cached forward pass over `prompts` (token ids); None when the model gives no reusable KV cache."""
+    ids, mask, pos = left_pad(prompts, pad, model_device(model))  # (b, T)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if not callable(getattr(cache, "batch_repeat_interleave", None)):
+        return None
+    return PromptPass(out.logits[:, -1], cache, mask, pos)
+
+
+def greedy_continue(model: Any, done: PromptPass, *, max_new_tokens: int, eos: list[int], pad: int) -> list[list[int]]:
+    """Greedy continuation (token ids, at most `max_new_tokens`) of a prompt pass, extending its cache: the steps of
+    `model.generate(do_sample=False)` — the argmax of the float32 last logits, `pad` after a row's end of sequence,
+    stop when every row has ended — without running the prompts through the model a second time."""
+    b = done.mask.shape[0]
+    stops = torch.tensor(eos or [-1], device=done.mask.device)
+    token = done.last_logits.float().argmax(dim=-1)  # (b,)
+    steps, ended = [token], torch.isin(token, stops)
+    mask, pos, key = done.mask, done.pos[:, -1:], cache_kwarg(model)
+    for _ in range(max_new_tokens - 1):
+        if bool(ended.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        pos = pos + 1
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                       logits_to_keep=1, **{key: done.cache}).logits[:, -1]
+        token = torch.where(ended, torch.full_like(token, pad), logits.float().argmax(dim=-1))
+        steps.append(token)
+        ended |= torch.isin(token, stops)
+    return torch.stack(steps, dim=1).tolist()
+
+
+def cache_kwarg(model: Any) -> str:
+    """'cache' (transformers ≥ 5.2x) or 'past_key_values' (older): the forward argument taking the KV cache."""
+    getter = getattr(model, "get_base_model", None)
+    base = getter() if callable(getter) else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"

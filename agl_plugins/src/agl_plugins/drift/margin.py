@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any, Sequence
 
 import torch
 from agl_core.batches import model_device, pad_id
 
-from .generation import left_pad, render_all
+from .generation import (PromptPass, cache_kwarg, eos_ids, greedy_continue, greedy_responses, left_pad, prompt_pass,
+                         render_all, response_texts)
 
 REFUSAL_OPENINGS = ("I can't", "I'm sorry, but I can't", "I won't")
 COMPLIANCE_OPENINGS = ("Sure", "Here's", "Certainly")
@@ -35,37 +35,38 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _cached(model: Any, prompts: list[list[int]], openings: list[list[int]], pad: int) -> torch.Tensor:
-    """(b, k) log p(opening j | prompt i): one pass over the prompts, then one cached pass per opening length.
+    """(b, k) log p(opening j | prompt i) from one cached pass over the prompts (`opening_log_probs`)."""
+    done = prompt_pass(model, prompts, pad)
+    if done is None:
+        return _full(model, prompts, openings, pad)
+    return opening_log_probs(model, done, openings, keep_cache=False)
+
+
+def opening_log_probs(model: Any, done: PromptPass, openings: list[list[int]], *, keep_cache: bool) -> torch.Tensor:
+    """(b, k) log p(opening j | prompt i), continuing a prompt pass: one extra cached pass per opening length.
 
     Openings of one token are read off the prompt pass; longer ones are grouped by length so that no row of the
     second pass is padding (SmolLM2's tokenizer splits the default openings into 3, 8, 3, 1, 2 and 1 tokens: 12
-    extra tokens per prompt, against 6 × 7 when every opening was padded to the longest)."""
-    device = model_device(model)
-    ids, mask, pos = left_pad(prompts, pad, device)  # (b, T)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    first = _log_probs(out.logits[:, -1])  # (b, V): predicts each opening's first token
-    b = len(prompts)
+    extra tokens per prompt, against 6 × 7 when every opening was padded to the longest). keep_cache=True leaves
+    `done.cache` as it was (each group extends a copy), for a caller that continues from it afterwards."""
+    device = done.mask.device
+    b = done.mask.shape[0]
     heads = torch.tensor([o[0] for o in openings], device=device)
-    total = first[:, heads]  # (b, k)
+    total = _log_probs(done.last_logits)[:, heads]  # (b, k): each opening's first token
     groups: dict[int, list[int]] = {}
     for j, o in enumerate(openings):
         if len(o) > 1:
             groups.setdefault(len(o), []).append(j)
-    if not groups:
-        return total
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    if not callable(getattr(cache, "batch_repeat_interleave", None)):
-        return _full(model, prompts, openings, pad)
     for n, (length, members) in enumerate(sorted(groups.items())):
         k = len(members)
-        # the last group may use the prompt pass's cache itself; the others extend a copy of it
-        grown = cache if n == len(groups) - 1 else copy.deepcopy(cache)
+        last = n == len(groups) - 1 and not keep_cache
+        grown = done.cache if last else copy.deepcopy(done.cache)
         grown.batch_repeat_interleave(k)  # rows: prompt 0 × members, prompt 1 × members, ...
         rest = torch.tensor([openings[j][:-1] for j in members], dtype=torch.long).repeat(b, 1).to(device)
-        mask2 = torch.cat([mask.repeat_interleave(k, dim=0), torch.ones_like(rest)], dim=1)  # (b·k, T + L − 1)
-        pos2 = pos[:, -1:].repeat_interleave(k, dim=0) + 1 + torch.arange(length - 1, device=device)
+        mask2 = torch.cat([done.mask.repeat_interleave(k, dim=0), torch.ones_like(rest)], dim=1)  # (b·k, T + L − 1)
+        pos2 = done.pos[:, -1:].repeat_interleave(k, dim=0) + 1 + torch.arange(length - 1, device=device)
         logp = _log_probs(model(input_ids=rest, attention_mask=mask2, position_ids=pos2, use_cache=True,
-                                **{_cache_kwarg(model): grown}).logits)  # (b·k, L − 1, V)
+                                **{cache_kwarg(model): grown}).logits)  # (b·k, L − 1, V)
         steps = torch.arange(length - 1, device=device)
         for i, j in enumerate(members):
             targets = torch.tensor(openings[j][1:], device=device)  # token t+1 is predicted at step t
@@ -104,21 +105,41 @@ def refusal_margins(model: Any, tokenizer: Any, prompts: list[str], *, refusal: 
         for start in range(0, len(rendered), batch_size):
             chunk = rendered[start:start + batch_size]
             fn = _cached if use_cache and _can_cache(model) else _full
-            lp = fn(model, chunk, ref_ids + com_ids, pad)  # (b, kr + kc)
-            diff = lp[:, : len(ref_ids)].mean(dim=1) - lp[:, len(ref_ids):].mean(dim=1)
-            margins.extend(float(x) for x in diff.tolist())
+            margins += _margin_values(fn(model, chunk, ref_ids + com_ids, pad), len(ref_ids))
     return margins
 
 
-def _cache_kwarg(model: Any) -> str:
-    """'cache' (transformers ≥ 5.2x) or 'past_key_values' (older): the forward argument taking the KV cache."""
-    getter = getattr(model, "get_base_model", None)
-    base = getter() if callable(getter) else model
-    try:
-        params = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+def _margin_values(lp: torch.Tensor, n_refusal: int) -> list[float]:
+    """Per row of (b, kr + kc) opening log-probs: the mean over the refusal openings minus that over the others."""
+    return [float(x) for x in (lp[:, :n_refusal].mean(dim=1) - lp[:, n_refusal:].mean(dim=1)).tolist()]
+
+
+def margins_and_responses(model: Any, tokenizer: Any, prompts: list[str], *, refusal: Sequence[str] = REFUSAL_OPENINGS,
+                          compliance: Sequence[str] = COMPLIANCE_OPENINGS, max_new_tokens: int = 48,
+                          batch_size: int = 16, use_chat_template: bool = True) -> tuple[list[float], list[str]]:
+    """`refusal_margins` and `greedy_responses` of the same prompts, each batch of prompts run through the model
+    once: the margin's openings and the greedy answer both continue one cached prompt pass. The answers are those
+    of `model.generate` (its greedy steps; checked on SmolLM2-135M) and the margins those of `refusal_margins`.
+    Models without a reusable cache take the two calls."""
+    ref_ids = encode_openings(tokenizer, refusal, "refusal")
+    com_ids = encode_openings(tokenizer, compliance, "compliance")
+    rendered, pad, eos = render_all(tokenizer, prompts, use_chat_template), pad_id(tokenizer), eos_ids(model, tokenizer)
+    margins: list[float] = []
+    responses: list[str] = []
+    with torch.no_grad():
+        for start in range(0, len(rendered), batch_size):
+            done = prompt_pass(model, rendered[start:start + batch_size], pad) if _can_cache(model) else None
+            if done is None:
+                texts = list(prompts[start:start + batch_size])
+                margins += refusal_margins(model, tokenizer, texts, refusal=refusal, compliance=compliance,
+                                           batch_size=batch_size, use_chat_template=use_chat_template)
+                responses += greedy_responses(model, tokenizer, texts, max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size, use_chat_template=use_chat_template)
+                continue
+            margins += _margin_values(opening_log_probs(model, done, ref_ids + com_ids, keep_cache=True), len(ref_ids))
+            ids = greedy_continue(model, done, max_new_tokens=max_new_tokens, eos=eos, pad=pad)
+            responses += response_texts(tokenizer, ids, eos)
+    return margins, responses
 
 
 def _can_cache(model: Any) -> bool:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .generation import check_chat_template, greedy_responses
-from .judges import DEFAULT_JUDGES, Judge, checked_scores, select_judges
+from .judges import DEFAULT_JUDGES, Judge, MarginJudge, checked_scores, select_judges
+from .margin import margins_and_responses
 from .loading import BASE, active, adapter_digest, adapter_shapes, attach_adapters, check_name, read_adapter_config
 from .metrics import check_roles
 from .overlap import find_masks, overlap_warning
@@ -159,11 +160,38 @@ def _chunk_rows(model: Any, tokenizer: Any, name: str, start: int, batch: list[d
                 judges: list[Judge], opts: DriftOptions, store: Optional[ResultStore] = None) -> list[dict]:
     """Rows of the prompt chunk starting at `start`: model judges on all of it, generation judges on the part
     before `n_gen` (the generation subset is a prefix of the prompt list)."""
-    rows = judge_batch(model, tokenizer, name, batch, [j for j in judges if j.kind == "model"], opts, store)
     gen_part = batch[: max(0, n_gen - start)]
+    fused = _fused_rows(model, tokenizer, name, batch, gen_part, judges, opts, store)
+    if fused is not None:
+        return fused
+    rows = judge_batch(model, tokenizer, name, batch, [j for j in judges if j.kind == "model"], opts, store)
     if gen_part:
         rows += judge_batch(model, tokenizer, name, gen_part, [j for j in judges if j.kind == "generation"], opts,
                             store)
+    return rows
+
+
+def _fused_rows(model: Any, tokenizer: Any, name: str, batch: list[dict], gen_part: list[dict], judges: list[Judge],
+                opts: DriftOptions, store: Optional[ResultStore]) -> Optional[list[dict]]:
+    """The rows of a fresh batch judged by the built-in margin judge and generation judges, from one pass of the
+    prompts (`margins_and_responses`); None when that does not apply (other model judges, a generation subset,
+    rows already stored): then each judge runs on its own, with the same results."""
+    model_judges = [j for j in judges if j.kind == "model"]
+    gen_judges = [j for j in judges if j.kind == "generation"]
+    if len(model_judges) != 1 or type(model_judges[0].impl) is not MarginJudge or not gen_judges \
+            or len(gen_part) != len(batch):
+        return None
+    if store is not None and any(store.has(name, j.name, r["id"]) for j in judges for r in batch):
+        return None
+    margin, prompts = model_judges[0], [r["prompt"] for r in batch]
+    values, responses = margins_and_responses(model, tokenizer, prompts, refusal=margin.impl.refusal,
+                                              compliance=margin.impl.compliance, max_new_tokens=opts.max_new_tokens,
+                                              batch_size=opts.batch_size, use_chat_template=opts.use_chat_template)
+    values = checked_scores(margin, values, len(batch), bounded=False)
+    rows = _rows(name, margin, batch, [1.0 if v > margin.threshold() else 0.0 for v in values], values, None)
+    for judge in gen_judges:
+        scores = checked_scores(judge, judge.impl(prompts, responses), len(batch), bounded=True)
+        rows += _rows(name, judge, batch, scores, None, responses)
     return rows
 
 
