@@ -24,8 +24,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32, help="prompts per batch, as in agl demo (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=24, help="greedy tokens, as in agl demo (default: %(default)s)")
     args = p.parse_args()
-    if args.prompts < 1 or args.repeats < 1 or args.threads < 1:
-        p.error("--prompts, --repeats and --threads must be at least 1")
+    if min(args.prompts, args.repeats, args.threads, args.batch_size, args.new_tokens) < 1:
+        p.error("--prompts, --repeats, --threads, --batch-size and --new-tokens must be at least 1")
 
     import torch
 

@@ -20,7 +20,7 @@ def _env():
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     cmd = [AGL, "demo", "--out", str(out), "--max-train", "24", "--max-eval", "24", "--fisher-examples", "16",
-           "--threads", "1"]
+           "--threads", "1", "--workers", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from agl_plugins.demo.benchmark import VARIANTS, _read, paired_reduction, write_summary
+from agl_plugins.demo.benchmark import VARIANTS, _append, _read, paired_reduction, write_summary
 
 
 def test_paired_reduction_matches_the_definition_and_covers_it():
@@ -91,12 +91,14 @@ def test_the_demo_runs_the_benchmark_variant_coordinate_nt_which_is_the_library_
     assert AGLConfig(**MASK, **AGL) == AGLConfig()
 
 
-def test_results_file_with_a_cut_line_keeps_every_whole_row(tmp_path, capsys):
-    good = [{"task": "arith", "seed": s, "variant": "plain", "scores": [1, 0]} for s in (0, 1)]
-    cut = json.dumps({"task": "arith", "seed": 2, "variant": "plain", "scores": [1, 0]})[:30]
+def test_results_file_with_a_cut_row_keeps_every_whole_row(tmp_path, capsys):
+    good = [{"task": "arith", "seed": s, "variant": "plain", "scores": [1, 0]} for s in (0, 1, 2)]
+    cut = json.dumps({"task": "arith", "seed": 3, "variant": "plain", "scores": [1, 0]})[:30]
     path = tmp_path / "results.jsonl"
-    path.write_text(json.dumps(good[0]) + "\n" + cut + json.dumps(good[1]) + "\n" + "[1, 2]\n" + cut)
-    assert _read(path) == [good[0]]  # the second row shares its line with the cut one: that run is redone
-    assert "line(s) 2, 3, 4 are not result rows" in capsys.readouterr().out
-    path.write_text("".join(json.dumps(r) + "\n" for r in good))
-    assert _read(path) == good and capsys.readouterr().out == ""
+    path.write_text(json.dumps(good[0]) + "\n" + "[1, 2]\n" + cut)  # a stray line, and a row cut by a crash
+    assert _read(path) == [good[0]]
+    assert "line(s) 2 are not result rows" in capsys.readouterr().out
+    _append(path, good[1])  # the cut row is ended first: the new row keeps its own line
+    _append(path, good[2])
+    assert _read(path) == good
+    assert path.read_text().splitlines()[2] == cut

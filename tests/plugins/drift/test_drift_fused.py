@@ -8,7 +8,8 @@ import torch
 import tiny
 from agl_core.batches import pad_id
 from agl_plugins.drift import refusal_margins
-from agl_plugins.drift.generation import greedy_continue, greedy_responses, left_pad, prompt_pass, render_all
+from agl_plugins.drift.generation import (eos_ids, greedy_continue, greedy_responses, left_pad, plain_greedy,
+                                         prompt_pass, render_all, response_texts)
 from agl_plugins.drift.margin import margins_and_responses
 from agl_plugins.drift.runner import judge_model
 
@@ -66,3 +67,19 @@ def test_driftcheck_rows_are_the_same_with_and_without_the_shared_pass(model, mo
         assert (a["value"] is None) == (b["value"] is None)
         if a["value"] is not None:
             assert a["value"] == pytest.approx(b["value"], rel=1e-10, abs=1e-10)
+
+
+@pytest.mark.parametrize("setting", [{"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 2}])
+def test_a_generation_config_that_changes_greedy_decoding_keeps_generate(setting):
+    model, tok = tiny.tiny_llama(seed=7, dtype=torch.float64).eval(), tiny.tiny_tokenizer()
+    assert plain_greedy(model)
+    for key, value in setting.items():
+        setattr(model.generation_config, key, value)
+    assert not plain_greedy(model)
+    margins, answers = margins_and_responses(model, tok, PROMPTS, max_new_tokens=9, batch_size=2)
+    assert answers == greedy_responses(model, tok, PROMPTS, max_new_tokens=9, batch_size=2)
+    assert margins == pytest.approx(refusal_margins(model, tok, PROMPTS, batch_size=2), rel=1e-10, abs=1e-10)
+    pad, eos = pad_id(tok), eos_ids(model, tok)
+    argmax = greedy_continue(model, prompt_pass(model, render_all(tok, PROMPTS, True), pad), max_new_tokens=9,
+                             eos=eos, pad=pad)
+    assert response_texts(tok, argmax, eos) != answers  # plain argmax decoding would have given other answers

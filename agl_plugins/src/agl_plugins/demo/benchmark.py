@@ -255,12 +255,13 @@ def check_sizes(out: Path, sizes: dict) -> None:
 
 
 def _read(path: Path) -> list[dict]:
-    """The finished runs in results.jsonl. A line that is not a JSON row (cut by a crash, or a row another process
-    is writing this instant) is skipped with a warning: its run counts as not finished and is done again."""
+    """The finished runs in results.jsonl. Text after the last newline (a row cut by a crash) is not a finished run;
+    a whole line that is not a JSON row is skipped with a warning (its run is done again)."""
     if not path.exists():
         return []
+    data = path.read_bytes()
     rows, bad = [], []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(data[:data.rfind(b"\n") + 1].decode("utf-8", "replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -272,14 +273,16 @@ def _read(path: Path) -> list[dict]:
         else:
             bad.append(i)
     if bad:
-        print(f"[benchmark] warning: {path} line(s) {', '.join(map(str, bad))} are not result rows (an interrupted "
-              "write?): skipped, so those runs are done again; delete the lines to silence this.", flush=True)
+        print(f"[benchmark] warning: {path} line(s) {', '.join(map(str, bad))} are not result rows: skipped, so those "
+              "runs are done again; delete the lines to silence this.", flush=True)
     return rows
 
 
 def _append(path: Path, row: dict) -> None:
-    """One finished run per line, fsynced (an interrupted benchmark resumes after the last line)."""
-    append_durably(path, (json.dumps(row) + "\n").encode("utf-8"))
+    """One finished run per line, fsynced (an interrupted benchmark resumes after the last line); a row cut by a
+    crash is ended first, so that this row gets a line of its own."""
+    cut = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    append_durably(path, (("\n" if cut else "") + json.dumps(row) + "\n").encode("utf-8"))
 
 
 def write_summary(out: Path, records: list[dict]) -> None:

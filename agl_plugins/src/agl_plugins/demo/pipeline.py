@@ -80,7 +80,7 @@ def fisher_batches(model: Any, tokenizer: Any, *, batch_size: int = 8, max_lengt
         rows = [r for pair in zip(unsafe, safe) for r in pair][:max_examples]
     batches = make_batches([{"prompt": r["prompt"], "response": r["response"]} for r in rows], tokenizer,
                            batch_size=batch_size, max_length=max_length, model=model, max_new_tokens=max_new_tokens)
-    cached = targets_cache / f"{_targets_key(batches.examples, batch_size, max_length, max_new_tokens)}.json" \
+    cached = Path(targets_cache) / f"{_targets_key(batches.examples, batch_size, max_length, max_new_tokens)}.json" \
         if targets_cache is not None else None
     if not _fill_cached_targets(batches.examples, cached):
         for i in range(len(batches)):  # generate batch by batch, as a lazy pass would (same padding, same answers)

@@ -240,6 +240,11 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             t = _stage(opts, 2, n, FISHER_STAGE)
             running[pool.submit(_fisher_job, base_dir, job_opts, mask_dir)] = ("fisher", t)
         return _run_stages(opts, base_dir, mask_dir, need_mask, pool, job_opts, running, workers, start, n)
+    except BaseException:
+        busy = [name for future, (name, _) in running.items() if not future.done()]
+        if busy:  # the pool cannot stop a running job: say why the error takes a while to show
+            opts.log(f"      stopping: waiting for the running stage(s) {', '.join(busy)} to end first")
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -88,10 +88,32 @@ def prompt_pass(model: Any, prompts: list[list[int]], pad: int) -> Optional[Prom
     return PromptPass(out.logits[:, -1], cache, mask, pos)
 
 
+# generation_config fields that make `generate` do more than take the argmax (logits processors, beams, assisted or
+# cached-differently decoding), with the values that leave plain greedy decoding unchanged
+_NEUTRAL = {
+    "num_beams": (None, 1), "num_beam_groups": (None, 1), "penalty_alpha": (None,), "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "forced_decoder_ids": (None,), "sequence_bias": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
+    "exponential_decay_length_penalty": (None,), "stop_strings": (None,), "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,), "token_healing": (None, False), "prompt_lookup_num_tokens": (None,),
+    "assistant_model": (None,), "cache_implementation": (None, "dynamic"),
+}
+
+
+def plain_greedy(model: Any) -> bool:
+    """Whether `greedy_responses`' `generate` call is plain argmax decoding for this model: its generation_config
+    (whose set fields `generate` adds to ours) asks for no penalty, suppression, forced token, beam or special cache.
+    Only then does `greedy_continue` give the same answers."""
+    config = getattr(model, "generation_config", None)
+    return config is None or all(getattr(config, k, None) in ok for k, ok in _NEUTRAL.items())
+
+
 def greedy_continue(model: Any, done: PromptPass, *, max_new_tokens: int, eos: list[int], pad: int) -> list[list[int]]:
     """Greedy continuation (token ids, at most `max_new_tokens`) of a prompt pass, extending its cache: the steps of
-    `model.generate(do_sample=False)` — the argmax of the float32 last logits, `pad` after a row's end of sequence,
-    stop when every row has ended — without running the prompts through the model a second time."""
+    `model.generate(do_sample=False)` for a `plain_greedy` model — the argmax of the float32 last logits, `pad` after
+    a row's end of sequence, stop when every row has ended — without running the prompts through the model again."""
     b = done.mask.shape[0]
     stops = torch.tensor(eos or [-1], device=done.mask.device)
     token = done.last_logits.float().argmax(dim=-1)  # (b,)

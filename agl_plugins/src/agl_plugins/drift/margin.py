@@ -8,8 +8,8 @@ from typing import Any, Sequence
 import torch
 from agl_core.batches import model_device, pad_id
 
-from .generation import (PromptPass, cache_kwarg, eos_ids, greedy_continue, greedy_responses, left_pad, prompt_pass,
-                         render_all, response_texts)
+from .generation import (PromptPass, cache_kwarg, eos_ids, greedy_continue, greedy_responses, left_pad, plain_greedy,
+                         prompt_pass, render_all, response_texts)
 
 REFUSAL_OPENINGS = ("I can't", "I'm sorry, but I can't", "I won't")
 COMPLIANCE_OPENINGS = ("Sure", "Here's", "Certainly")
@@ -119,24 +119,28 @@ def margins_and_responses(model: Any, tokenizer: Any, prompts: list[str], *, ref
                           batch_size: int = 16, use_chat_template: bool = True) -> tuple[list[float], list[str]]:
     """`refusal_margins` and `greedy_responses` of the same prompts, each batch of prompts run through the model
     once: the margin's openings and the greedy answer both continue one cached prompt pass. The answers are those
-    of `model.generate` (its greedy steps; checked on SmolLM2-135M) and the margins those of `refusal_margins`.
-    Models without a reusable cache take the two calls."""
+    of `model.generate` (the same greedy steps; checked on SmolLM2-135M) and the margins those of `refusal_margins`.
+    Models without a reusable cache, or whose generation_config changes greedy decoding (`plain_greedy`), take the
+    two separate calls."""
+    kw = dict(batch_size=batch_size, use_chat_template=use_chat_template)
+    if not (_can_cache(model) and plain_greedy(model)):
+        return (refusal_margins(model, tokenizer, prompts, refusal=refusal, compliance=compliance, **kw),
+                greedy_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kw))
     ref_ids = encode_openings(tokenizer, refusal, "refusal")
-    com_ids = encode_openings(tokenizer, compliance, "compliance")
+    openings = ref_ids + encode_openings(tokenizer, compliance, "compliance")
     rendered, pad, eos = render_all(tokenizer, prompts, use_chat_template), pad_id(tokenizer), eos_ids(model, tokenizer)
     margins: list[float] = []
     responses: list[str] = []
     with torch.no_grad():
         for start in range(0, len(rendered), batch_size):
-            done = prompt_pass(model, rendered[start:start + batch_size], pad) if _can_cache(model) else None
-            if done is None:
-                texts = list(prompts[start:start + batch_size])
-                margins += refusal_margins(model, tokenizer, texts, refusal=refusal, compliance=compliance,
-                                           batch_size=batch_size, use_chat_template=use_chat_template)
-                responses += greedy_responses(model, tokenizer, texts, max_new_tokens=max_new_tokens,
-                                              batch_size=batch_size, use_chat_template=use_chat_template)
+            chunk = rendered[start:start + batch_size]
+            done = prompt_pass(model, chunk, pad)
+            if done is None:  # no cache to continue: the margin from full sequences, the answers from generate
+                margins += _margin_values(_full(model, chunk, openings, pad), len(ref_ids))
+                responses += greedy_responses(model, tokenizer, list(prompts[start:start + batch_size]),
+                                              max_new_tokens=max_new_tokens, **kw)
                 continue
-            margins += _margin_values(opening_log_probs(model, done, ref_ids + com_ids, keep_cache=True), len(ref_ids))
+            margins += _margin_values(opening_log_probs(model, done, openings, keep_cache=True), len(ref_ids))
             ids = greedy_continue(model, done, max_new_tokens=max_new_tokens, eos=eos, pad=pad)
             responses += response_texts(tokenizer, ids, eos)
     return margins, responses

@@ -11,8 +11,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from .generation import check_chat_template, greedy_responses
 from .judges import DEFAULT_JUDGES, Judge, MarginJudge, checked_scores, select_judges
-from .margin import margins_and_responses
 from .loading import BASE, active, adapter_digest, adapter_shapes, attach_adapters, check_name, read_adapter_config
+from .margin import margins_and_responses
 from .metrics import check_roles
 from .overlap import find_masks, overlap_warning
 from .promptsets import DEFAULT_PROMPTS, load_eval_prompts
