@@ -51,7 +51,7 @@ def law_lines(report: dict) -> list[str]:
                      fmt(f["excess_end"], ci["excess_end"]), fmt(f["rmse"], digits=3)])
     x = "tokens" if report["x"] == "tokens" else "steps"
     return [f"## Fitted law {report['law']} (D = {x}; loss = {report['loss']}; {conf} % bootstrap CI over prompts)",
-            "", *_table(["method", "runs", "points", "L0", "A", "β", "E", f"L − L0 at D = max", "fit RMSE"], rows),
+            "", *_table(["method", "runs", "points", "L0", "A", "β", "E", "L − L0 at D = max", "fit RMSE"], rows),
             "", f"_{report['residual_rule']}_", ""]
 
 
