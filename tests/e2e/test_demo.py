@@ -19,7 +19,7 @@ def _env():
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cmd = [AGL, "demo", "--out", str(out), "--max-train", "24", "--max-eval", "24", "--fisher-examples", "16",
+    cmd = [AGL, "demo", "--out", str(out), "--max-train", "24", "--max-eval", "128", "--fisher-examples", "16",
            "--threads", "1", "--workers", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,7 +66,9 @@ def test_each_fine_tunes_driftcheck_is_split_across_the_workers_and_merged(demo_
         parts = [[json.loads(line) for line in (out / "drift-runs" / f"{name}-part{i}of4" / "results.jsonl")
                   .read_text().splitlines()] for i in range(1, 5)]
         want = {(r["judge"], r["id"]): r["score"] for r in merged if r["model"] == name}
+        assert len(want) == 2 * 128  # 128 prompts (4 batches of 32: one per part), margin and pattern judges
         assert {(r["judge"], r["id"]): r["score"] for rows in parts for r in rows if r["model"] == name} == want
+        assert all(any(r["model"] == name for r in rows) for rows in parts)
         assert f"{name} judged 4/4: done" in proc.stdout
     # the Fisher mask starts as soon as the aligned base is there, before the checks that load the model
     assert proc.stdout.index("[2/5]") < proc.stdout.index("2 worker processes") < proc.stdout.index("[3/5]")
@@ -76,7 +78,7 @@ def test_demo_reuses_finished_stages(demo_run):
     out, first = demo_run
     assert "2 worker processes of 1 thread(s)" in first.stdout  # the first run trained both fine-tunes side by side
     before = json.loads((out / "demo.json").read_text())
-    cmd = [AGL, "demo", "--out", str(out), "--max-train", "24", "--max-eval", "24", "--fisher-examples", "16",
+    cmd = [AGL, "demo", "--out", str(out), "--max-train", "24", "--max-eval", "128", "--fisher-examples", "16",
            "--threads", "1", "--workers", "1"]  # the same stages in this one process: every one is reused
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -93,7 +95,7 @@ def test_demo_reuses_finished_stages(demo_run):
 
 def test_demo_refuses_to_mix_runs_with_other_settings(demo_run):
     out, _ = demo_run
-    cmd = [AGL, "demo", "--out", str(out), "--max-train", "12", "--max-eval", "24", "--fisher-examples", "16"]
+    cmd = [AGL, "demo", "--out", str(out), "--max-train", "12", "--max-eval", "128", "--fisher-examples", "16"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 2
     assert "holds a demo run with other settings (max_train)" in proc.stderr and "--overwrite" in proc.stderr
