@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 
 def main() -> int:
@@ -26,6 +27,8 @@ def main() -> int:
     args = p.parse_args()
     if min(args.prompts, args.repeats, args.threads, args.batch_size, args.new_tokens) < 1:
         p.error("--prompts, --repeats, --threads, --batch-size and --new-tokens must be at least 1")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        p.error(f"--adapter {args.adapter}: no adapter_config.json there; give a folder saved by save_pretrained")
 
     import torch
 
