@@ -281,7 +281,11 @@ def _read(path: Path) -> list[dict]:
 def _append(path: Path, row: dict) -> None:
     """One finished run per line, fsynced (an interrupted benchmark resumes after the last line); a row cut by a
     crash is ended first, so that this row gets a line of its own."""
-    cut = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    cut = False
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as fh:  # only the last byte tells
+            fh.seek(-1, 2)
+            cut = fh.read(1) != b"\n"
     append_durably(path, (("\n" if cut else "") + json.dumps(row) + "\n").encode("utf-8"))
 
 
