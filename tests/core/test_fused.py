@@ -110,6 +110,37 @@ def test_empty_modules_inside_a_group():
         assert res.per_module[n]["L_A"] == 0.0 and res.per_module[n]["E_rie"] == 0.0
 
 
+def test_persistent_buffers_hold_no_stale_values():
+    """The gradient workspaces are not zeroed between calls (the Gram part writes every row, the sparse
+    products add into it; here the trailing up/down_proj modules are empty, so the last chunk ends on rows
+    without coordinates), and a backward whose concatenations were refilled by a later call refills them."""
+    model = model_with()
+    bl = blocks(model)
+    for n in [n for n in bl if n.endswith(("up_proj", "down_proj"))]:
+        bl[n] = empty(bl[n].shape)
+    pen = make_penalty(model, bl, config(), chunk_size=7)
+    (_, group), = pen._groups()
+    last = group.row_chunks[-1]
+    assert len(group.row_chunks) > 5 and last.crow[-1] == last.crow[-2]  # ends on rows without coordinates
+    ref = reference(lora_factors(model), bl, config(), scale=config().lambda_scale(1))
+    params = [t for f in lora_factors(model).values() for t in f[:2]]
+    first = pen(1)
+    for buf in group.workspaces():
+        buf.fill_(float("nan"))
+    later = pen(1)  # refills the concatenations ...
+    for buf in group.concatenations:
+        buf.fill_(float("nan"))  # ... and stands for a call that left other values there
+    for res in (first, later, None):
+        res = res if res is not None else pen(1)
+        for k in TERMS:
+            for g, gr in zip(grads(getattr(res, k), params), grads(ref[k], params)):
+                assert_rel(g, gr, 1e-10, f"grad {k}")
+        for buf in group.workspaces():
+            buf.fill_(float("nan"))
+    grad = torch.autograd.grad(pen(1).total, params)
+    assert all(g.is_contiguous() and g.data_ptr() not in {b.data_ptr() for b in group.workspaces()} for g in grad)
+
+
 def test_all_modules_empty_gives_only_the_task_term():
     model = model_with()
     bl = {n: empty(s) for n, s in all_shapes(model).items()}

@@ -2,16 +2,21 @@
 
 Layout (built once per group, re-built when the LoRA weights change device or dtype):
   B_cat  (ΣN_out, r)  the modules' B factors stacked by rows, ordered by out size (same-shaped B's adjacent),
-                      times each module's scale s, so ΔW_j = B_cat[row_j] · At_cat[col_j];
+                      times each module's scale s where the scales differ, so ΔW_j = B_cat[row_j] · At_cat[col_j]
+                      (one scale shared by the group is applied inside the products instead);
   At_cat (ΣN_in, r)   the modules' Aᵀ stacked by rows, ordered by in size;
   the protected coordinates as one sparse CSR pattern of the block-diagonal (ΣN_out, ΣN_in) ΔW: module by
   module (B order), row-major inside a module, so rows ascend and each module is one contiguous run.
+B_cat, At_cat and the two gradient workspaces are persistent buffers of the layout, refilled each call: on
+a CPU a fresh buffer of tens of MB costs a page fault per 4 KiB every step (measured in docs/performance.md).
 Static per-coordinate coefficients are computed once per layout (float64, stored in the compute dtype):
 m, m(1−m), F̂m² and m(1−m)/|S_k|. Forward: ΔW_S = sampled_addmm(pattern, B_cat, At_catᵀ) (an SDDMM, cost
 |S|·r); the terms are products of ΔW_S² with those coefficients; per-module sums (Σ m d², Σ m(1−m) d²) by
-segment_reduce over each chunk's module runs, in float64. Backward: ∂/∂ΔW_S as one expression evaluated
-in place (per-module gradients broadcast over the module runs), then ∂B_cat = G @ At_cat with G the CSR
-matrix of those values, and ∂At_cat = Gᵀ @ B_cat through a second, column-ordered CSR copy of the pattern.
+segment_reduce over each chunk's module runs, in float64; ‖ΔW‖² per module from batched Grams. Backward:
+the Grams' gradient is written into the workspaces (every row), then ∂/∂ΔW_S as one expression evaluated
+in place (per-module gradients broadcast over the module runs), and G @ At_cat with G the CSR matrix of
+those values is added into ∂B_cat, Gᵀ @ B_cat into ∂At_cat through a second, column-ordered CSR copy of the
+pattern; each factor gets a fresh copy of its rows.
 Everything runs in chunks of whole rows (columns) of ≈ `chunk` coordinates (default 2¹⁶ on a CPU, where a
 chunk's temporaries then stay in cache, 2²⁰ on other devices): the working set is O(chunk · r). The cache is
 28 bytes per protected coordinate in float32 (int32 column, column-order permutation and row; four
@@ -118,116 +123,120 @@ def _add_per_module(out: torch.Tensor, ch: _RowChunk, a: Any, x: torch.Tensor, b
                                              output_size=ch.s1 - ch.s0), z)
 
 
-class _FusedSums(torch.autograd.Function):
-    """(per (n, 2), glob (3,), detail (n, 3), max_S |ΔW| (n,) or (1,)) of a group from B_cat and At_cat.
+class _GroupSums(torch.autograd.Function):
+    """One group's (‖ΔW‖² (n,), per (n, 2), glob (3,), detail (n, 3), max_S |ΔW| (n,) or (1,)), B-order.
 
+    Inputs after the settings: every module's B factor (B-order), then every module's A factor (A-order).
+    The forward copies them into the layout's persistent concatenations (`FusedCoordinates.fill`: no fresh
+    buffer of tens of MB, and so no page faults, per step); the backward writes ∂B_cat and ∂At_cat into the
+    layout's persistent workspaces — the Gram part first, which writes every row, then the sparse products
+    added in place — and returns a fresh gradient per factor. A backward that finds the concatenations
+    refilled by a later call (two penalties before one backward) refills them from its saved factors.
     The static coefficients (m, m(1−m), F̂m², m(1−m)/|S_k|) come from the layout's cache; ΔW_S and the
     logistic σ(|ΔW_S| − τ) of every chunk are kept for backward (8 bytes per coordinate during a step).
+    ‖ΔW‖² = s²⟨BᵀB, AAᵀ⟩ per module from Grams batched per run of equal shapes, with a hand-written backward
+    (∂B_k = 2 g_k s² B_k A_kA_kᵀ, ∂A_kᵀ = 2 g_k s² A_kᵀ B_kᵀB_k: one bmm per run), where autograd's bmm
+    backward through transposed views is several times slower on a CPU.
     """
 
     @staticmethod
-    def forward(ctx, B, At, layout, beta, tau, detail):
-        n, f64 = layout.n_modules, torch.float64
-        per = torch.zeros(n, 2, dtype=f64, device=B.device)
-        more = torch.zeros(n if detail else 0, 3, dtype=f64, device=B.device)
-        amax = torch.zeros(n if detail else 1, dtype=B.dtype, device=B.device)
-        zeros = torch.zeros(layout.max_chunk, dtype=B.dtype, device=B.device)
-        saved_d, saved_sig, glob_parts = [], [], []
-        buf = torch.empty(2, layout.max_chunk, dtype=B.dtype, device=B.device)  # per-module summands
-        for ch in layout.row_chunks:
-            c, sl = ch.s1 - ch.s0, slice(ch.s0, ch.s1)
-            pattern = _csr(ch.crow, layout.cols[sl], zeros[:c], (ch.r1 - ch.r0, At.shape[0]))
-            d = torch.sparse.sampled_addmm(pattern, B[ch.r0:ch.r1], At.t(), beta=0.0).values()  # (c,) ΔW_S
-            d2 = d * d
-            pair = buf[:, :c]
-            torch.mul(layout.m[sl], d2, out=pair[0])  # m d²
-            torch.mul(layout.mm[sl], d2, out=pair[1])  # m(1−m) d²
-            per.index_add_(0, ch.modules, _run_sums(ch, pair, layout.loop_sums))
-            sig = d.abs()
-            if detail:
-                top = torch.maximum(amax.index_select(0, ch.modules), _run_max(ch, sig))
-                amax.index_copy_(0, ch.modules, top)  # a chunk lists each module once
-            else:
-                torch.maximum(amax, sig.amax(), out=amax)
-            sig = torch.sigmoid_(sig.sub_(tau))  # σ(|d| − τ)
-            w_d2 = layout.w[sl] * d2  # F̂ m² d²
-            q_d2 = layout.q[sl] * d2  # m(1−m) d² / |S_k|
-            rie = q_d2.addcmul_(q_d2, sig, value=beta)  # (1 + β σ) m(1−m) d² / |S_k|
-            glob_parts.append(torch.stack([w_d2.sum(), rie.sum(), d2.sum()]))  # cascade sums of ≤ one chunk
-            if detail:
-                more.index_add_(0, ch.modules, _run_sums(ch, torch.stack([w_d2, rie, d2]), layout.loop_sums))
-            saved_d.append(d)
-            saved_sig.append(sig)
-        glob = torch.stack(glob_parts).to(f64).sum(0) if glob_parts else torch.zeros(3, dtype=f64, device=B.device)
-        ctx.save_for_backward(B, At)
-        ctx.saved_d, ctx.saved_sig = saved_d, saved_sig
-        ctx.layout, ctx.beta = layout, beta
-        more = more.to(B.dtype)
-        ctx.mark_non_differentiable(more, amax)
-        return per.to(B.dtype), glob.to(B.dtype), more, amax
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_per, grad_glob, _grad_more, _grad_amax):  # (n, 2), (3,)
-        B, At = ctx.saved_tensors
-        layout, beta = ctx.layout, ctx.beta
-        need_b, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_b = torch.zeros_like(B, memory_format=torch.contiguous_format) if need_b else None
-        gd_all = torch.empty(layout.size, dtype=B.dtype, device=B.device)  # ∂total/∂ΔW_S (|S|,)
-        g_m, g_mm = (2 * grad_per[:, 0]).contiguous(), (2 * grad_per[:, 1]).contiguous()
-        if layout.loop_sums:  # Python floats for the CPU's per-run loop (one sync)
-            g_m, g_mm = g_m.tolist(), g_mm.tolist()
-        g_la, g_rie, g_on = (float(v) for v in grad_glob.double().cpu())  # one sync per backward
-        for ch, d, sig in zip(layout.row_chunks, ctx.saved_d, ctx.saved_sig):
-            sl = slice(ch.s0, ch.s1)
-            # ∂/∂d of Σ c d² is 2 c d; of Σ (1 + β σ(|d| − τ)) q d²: q d (2 + 2βσ + βσ(1 − σ)|d|). So
-            # ∂/∂d = d · [2 g_la F̂m² + 2 g_on + 2 g_m,k m + 2 g_mm,k m(1−m) + g_rie q (2 + βσ(2 + (1 − σ)|d|))]
-            m, mm, q = layout.m[sl], layout.mm[sl], layout.q[sl]
-            gd = torch.mul(layout.w[sl], 2 * g_la, out=gd_all[sl])
-            gd.add_(q, alpha=2 * g_rie).add_(2 * g_on)
-            _add_per_module(gd, ch, g_m, m, g_mm, mm, layout.run_loop_max)
-            u = torch.rsub(sig, 1).mul_(d.abs()).add_(2).mul_(sig).mul_(q)  # q σ (2 + (1 − σ)|d|)
-            gd.add_(u, alpha=beta * g_rie).mul_(d)
-            if need_b:  # rows of B_cat: G[r0:r1] @ At_cat
-                G = _csr(ch.crow, layout.cols[sl], gd, (ch.r1 - ch.r0, At.shape[0]))
-                grad_b[ch.r0:ch.r1] = G @ At
-        grad_at = None
-        if need_a:  # rows of At_cat: Gᵀ[c0:c1] @ B_cat, through the column-ordered pattern
-            grad_at = torch.zeros_like(At, memory_format=torch.contiguous_format)
-            for ch in layout.col_chunks:
-                values = gd_all.index_select(0, layout.perm[ch.t0:ch.t1])
-                G = _csr(ch.ccol, layout.rows_by_col[ch.t0:ch.t1], values, (ch.c1 - ch.c0, B.shape[0]))
-                grad_at[ch.c0:ch.c1] = G @ B
-        return grad_b, grad_at, None, None, None, None
-
-
-class _GramNorms(torch.autograd.Function):
-    """(n,) ⟨B_kᵀB_k, A_kA_kᵀ⟩ of every module (B-order) from the concatenations, Grams batched per run of equal
-    shapes; hand-written backward (∂B_k = 2 g_k B_k A_kA_kᵀ, ∂A_kᵀ = 2 g_k A_kᵀ B_kᵀB_k: one bmm per run),
-    where autograd's bmm backward through the transposed views is several times slower on a CPU."""
-
-    @staticmethod
-    def forward(ctx, B, At, layout):
+    def forward(ctx, layout, scale, beta, tau, detail, *factors):
+        B, At = layout.fill(factors)
         gram_b = _grams(B, layout.b_classes)  # (n, r, r) B-order
         gram_a = _grams(At, layout.a_classes)  # (n, r, r) A-order
-        ctx.save_for_backward(B, At, gram_b, gram_a)
-        ctx.layout = layout
-        return (gram_b * gram_a.index_select(0, layout.a_to_b)).sum(dim=(1, 2))
+        dw_sq = (gram_b * gram_a.index_select(0, layout.a_to_b)).sum(dim=(1, 2)) * (scale * scale)
+        per, glob, more, amax, ctx.saved_d, ctx.saved_sig = _sums_forward(B, At, layout, scale, beta, tau, detail)
+        ctx.save_for_backward(*factors)
+        ctx.fill, ctx.grams = layout.fills, (gram_b, gram_a)
+        ctx.layout, ctx.scale, ctx.beta = layout, scale, beta
+        ctx.mark_non_differentiable(more, amax)
+        return dw_sq, per, glob, more, amax
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):  # (n,) B-order
-        B, At, gram_b, gram_a = ctx.saved_tensors
-        layout = ctx.layout
-        g2 = (2 * grad).view(-1, 1, 1)
-        grad_b = grad_at = None
-        if ctx.needs_input_grad[0]:  # rows of module k: 2 g_k B_k (A_kA_kᵀ)
-            grad_b = _times_grams(B, layout.b_classes, gram_a.index_select(0, layout.a_to_b) * g2)
-        if ctx.needs_input_grad[1]:  # rows of module k in A-order: 2 g_k A_kᵀ (B_kᵀB_k)
-            b_in_a = torch.empty_like(layout.a_to_b)
-            b_in_a[layout.a_to_b] = torch.arange(layout.a_to_b.numel(), device=b_in_a.device)
-            grad_at = _times_grams(At, layout.a_classes, (gram_b * g2).index_select(0, b_in_a))
-        return grad_b, grad_at, None
+    def backward(ctx, grad_dw, grad_per, grad_glob, _grad_more, _grad_amax):  # (n,), (n, 2), (3,)
+        layout, scale, n = ctx.layout, ctx.scale, ctx.layout.n_modules
+        factors = ctx.saved_tensors
+        need_b, need_a = any(ctx.needs_input_grad[5:5 + n]), any(ctx.needs_input_grad[5 + n:])
+        B, At = layout.fill(factors) if layout.fills != ctx.fill else layout.concatenations
+        grad_b, grad_at = layout.workspaces()
+        gram_b, gram_a = ctx.grams
+        g2 = (2 * scale * scale * grad_dw).view(-1, 1, 1)
+        if need_b:  # rows of module k: 2 g_k s² B_k (A_kA_kᵀ)
+            _times_grams(B, layout.b_classes, gram_a.index_select(0, layout.a_to_b) * g2, out=grad_b)
+        if need_a:  # rows of module k in A-order: 2 g_k s² A_kᵀ (B_kᵀB_k)
+            _times_grams(At, layout.a_classes, (gram_b * g2).index_select(0, layout.b_to_a), out=grad_at)
+        _sums_backward(B, At, layout, scale, ctx.beta, ctx.saved_d, ctx.saved_sig, grad_per, grad_glob,
+                       grad_b if need_b else None, grad_at if need_a else None)
+        return (None,) * 5 + layout.split_grads(grad_b if need_b else None, grad_at if need_a else None, factors)
+
+
+def _sums_forward(B, At, layout, scale, beta, tau, detail):
+    """(per, glob, detail, amax, ΔW_S per chunk, σ per chunk) of the chunks; see _GroupSums."""
+    n, f64 = layout.n_modules, torch.float64
+    per = torch.zeros(n, 2, dtype=f64, device=B.device)
+    more = torch.zeros(n if detail else 0, 3, dtype=f64, device=B.device)
+    amax = torch.zeros(n if detail else 1, dtype=B.dtype, device=B.device)
+    zeros = torch.zeros(layout.max_chunk, dtype=B.dtype, device=B.device)
+    saved_d, saved_sig, glob_parts = [], [], []
+    buf = torch.empty(2, layout.max_chunk, dtype=B.dtype, device=B.device)  # per-module summands
+    for ch in layout.row_chunks:
+        c, sl = ch.s1 - ch.s0, slice(ch.s0, ch.s1)
+        pattern = _csr(ch.crow, layout.cols[sl], zeros[:c], (ch.r1 - ch.r0, At.shape[0]))
+        d = torch.sparse.sampled_addmm(pattern, B[ch.r0:ch.r1], At.t(), beta=0.0, alpha=scale).values()  # ΔW_S
+        d2 = d * d
+        pair = buf[:, :c]
+        torch.mul(layout.m[sl], d2, out=pair[0])  # m d²
+        torch.mul(layout.mm[sl], d2, out=pair[1])  # m(1−m) d²
+        per.index_add_(0, ch.modules, _run_sums(ch, pair, layout.loop_sums))
+        sig = d.abs()
+        if detail:
+            top = torch.maximum(amax.index_select(0, ch.modules), _run_max(ch, sig))
+            amax.index_copy_(0, ch.modules, top)  # a chunk lists each module once
+        else:
+            torch.maximum(amax, sig.amax(), out=amax)
+        sig = torch.sigmoid_(sig.sub_(tau))  # σ(|d| − τ)
+        w_d2 = layout.w[sl] * d2  # F̂ m² d²
+        q_d2 = layout.q[sl] * d2  # m(1−m) d² / |S_k|
+        rie = q_d2.addcmul_(q_d2, sig, value=beta)  # (1 + β σ) m(1−m) d² / |S_k|
+        glob_parts.append(torch.stack([w_d2.sum(), rie.sum(), d2.sum()]))  # cascade sums of ≤ one chunk
+        if detail:
+            more.index_add_(0, ch.modules, _run_sums(ch, torch.stack([w_d2, rie, d2]), layout.loop_sums))
+        saved_d.append(d)
+        saved_sig.append(sig)
+    glob = torch.stack(glob_parts).to(f64).sum(0) if glob_parts else torch.zeros(3, dtype=f64, device=B.device)
+    return per.to(B.dtype), glob.to(B.dtype), more.to(B.dtype), amax, saved_d, saved_sig
+
+
+def _sums_backward(B, At, layout, scale, beta, saved_d, saved_sig, grad_per, grad_glob, grad_b, grad_at):
+    """Adds the sparse part of ∂total/∂B_cat (∂At_cat) into grad_b (grad_at) in place (None: not needed)."""
+    gd_all = torch.empty(layout.size, dtype=B.dtype, device=B.device)  # ∂total/∂ΔW_S (|S|,)
+    g_m, g_mm = (2 * grad_per[:, 0]).contiguous(), (2 * grad_per[:, 1]).contiguous()
+    if layout.loop_sums:  # Python floats for the CPU's per-run loop (one sync)
+        g_m, g_mm = g_m.tolist(), g_mm.tolist()
+    g_la, g_rie, g_on = (float(v) for v in grad_glob.double().cpu())  # one sync per backward
+    for ch, d, sig in zip(layout.row_chunks, saved_d, saved_sig):
+        sl = slice(ch.s0, ch.s1)
+        # ∂/∂d of Σ c d² is 2 c d; of Σ (1 + β σ(|d| − τ)) q d²: q d (2 + 2βσ + βσ(1 − σ)|d|). So
+        # ∂/∂d = d · [2 g_la F̂m² + 2 g_on + 2 g_m,k m + 2 g_mm,k m(1−m) + g_rie q (2 + βσ(2 + (1 − σ)|d|))]
+        m, mm, q = layout.m[sl], layout.mm[sl], layout.q[sl]
+        gd = torch.mul(layout.w[sl], 2 * g_la, out=gd_all[sl])
+        gd.add_(q, alpha=2 * g_rie).add_(2 * g_on)
+        _add_per_module(gd, ch, g_m, m, g_mm, mm, layout.run_loop_max)
+        u = torch.rsub(sig, 1).mul_(d.abs()).add_(2).mul_(sig).mul_(q)  # q σ (2 + (1 − σ)|d|)
+        gd.add_(u, alpha=beta * g_rie).mul_(d)
+        if scale != 1.0:  # ΔW_S = s (B A)_S
+            gd.mul_(scale)
+        if grad_b is not None:  # rows of B_cat: += G[r0:r1] @ At_cat
+            G = _csr(ch.crow, layout.cols[sl], gd, (ch.r1 - ch.r0, At.shape[0]))
+            rows = grad_b[ch.r0:ch.r1]
+            torch.addmm(rows, G, At, out=rows)
+    if grad_at is not None:  # rows of At_cat: += Gᵀ[c0:c1] @ B_cat, through the column-ordered pattern
+        for ch in layout.col_chunks:
+            values = gd_all.index_select(0, layout.perm[ch.t0:ch.t1])
+            G = _csr(ch.ccol, layout.rows_by_col[ch.t0:ch.t1], values, (ch.c1 - ch.c0, B.shape[0]))
+            rows = grad_at[ch.c0:ch.c1]
+            torch.addmm(rows, G, B, out=rows)
 
 
 class FusedCoordinates:
@@ -267,11 +276,17 @@ class FusedCoordinates:
         self.n_modules = len(blocks)
         self.m, self.mm, self.w, self.q = _static_coefficients(blocks, self.hard, device, dtype)  # (|S|,) each
         scales = [float(self.members[i].target.scale) for i in self.b_order]
-        self.scale: Any = scales[0] if len(set(scales)) == 1 else torch.tensor(
-            [s for s, i in zip(scales, self.b_order) for _ in range(shapes[i][0])], dtype=torch.float64
-        ).to(device, dtype).unsqueeze(1)  # (ΣN_out, 1)
+        # One scale for the whole group: applied as the products' alpha. Else each B is scaled as it is copied
+        # into B_cat (row_scales, B-order) and the products use alpha = 1.
+        self.alpha = scales[0] if len(set(scales)) == 1 else 1.0
+        self.row_scales = None if len(set(scales)) == 1 else scales
+        self.b_start, self.a_start = b_start, a_start
+        self.device = torch.device(device)
+        self.fills = 0  # how often fill() has run: a backward compares it with its forward's
+        self._buffers: dict[str, torch.Tensor] = {}
         a_pos = {i: p for p, i in enumerate(self.a_order)}
         self.a_to_b = torch.tensor([a_pos[i] for i in self.b_order], dtype=torch.int64, device=device)  # (n,)
+        self.b_to_a = torch.argsort(self.a_to_b)  # (n,): B-order position of each A-order module
         self.member_to_b = torch.argsort(torch.tensor(self.b_order, dtype=torch.int64)).to(device)  # (n,)
 
     def _coordinates(self, shapes, b_start, a_start) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,6 +318,54 @@ class FusedCoordinates:
                                     ids.to(device), counts.to(device), runs, tuple(ids.tolist())))
         return chunks
 
+    def _buffer(self, name: str, rows: int, r: int) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[1] != r:
+            buf = self._buffers[name] = torch.empty(rows, r, dtype=self.dtype, device=self.device)
+        return buf
+
+    def fill(self, factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies the factors (every B in B-order, then every A in A-order) into the persistent B_cat (ΣN_out, r),
+        each B times its scale where the scales differ, and At_cat (ΣN_in, r); returns the two."""
+        n, r = self.n_modules, factors[0].shape[1]
+        B, At = self._buffer("B", self.b_start[-1], r), self._buffer("At", self.a_start[-1], r)
+        with torch.no_grad():
+            for p, f in enumerate(factors[:n]):
+                rows = B[self.b_start[p]:self.b_start[p + 1]]
+                if self.row_scales is None:
+                    rows.copy_(f)
+                else:
+                    torch.mul(f, self.row_scales[p], out=rows)
+            for p, f in enumerate(factors[n:]):
+                At[self.a_start[p]:self.a_start[p + 1]].copy_(f.t())
+        self.fills += 1
+        return B, At
+
+    @property
+    def concatenations(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._buffers["B"], self._buffers["At"]
+
+    def workspaces(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The persistent (uninitialised) buffers that ∂B_cat and ∂At_cat are written into."""
+        B, At = self.concatenations
+        return self._buffer("grad_B", B.shape[0], B.shape[1]), self._buffer("grad_At", At.shape[0], At.shape[1])
+
+    def split_grads(self, grad_b: Optional[torch.Tensor], grad_at: Optional[torch.Tensor],
+                    factors: Sequence[torch.Tensor]) -> tuple:
+        """A fresh gradient per factor (never a view of the workspaces), in the factor's dtype and layout."""
+        n, out = self.n_modules, []
+        for p, f in enumerate(factors[:n]):
+            if grad_b is None:
+                out.append(None)
+                continue
+            rows = grad_b[self.b_start[p]:self.b_start[p + 1]]  # ∂/∂(s_k B_k)
+            out.append(rows.to(f.dtype, copy=True) if self.row_scales is None
+                       else torch.mul(rows, self.row_scales[p]).to(f.dtype))
+        for p, f in enumerate(factors[n:]):
+            rows = None if grad_at is None else grad_at[self.a_start[p]:self.a_start[p + 1]]  # (in, r)
+            out.append(None if rows is None else rows.t().to(f.dtype, memory_format=torch.contiguous_format, copy=True))
+        return tuple(out)
+
     def nbytes(self) -> int:
         """Bytes of the per-coordinate cache (column, column-order permutation and row; m, m(1−m), F̂m², q)."""
         return sum(t.numel() * t.element_size()
@@ -310,11 +373,9 @@ class FusedCoordinates:
 
     def __call__(self, beta: float, tau: float, eps: float, detail: bool = False) -> GroupTerms:
         targets = [m.target for m in self.members]
-        B = torch.cat([targets[i].B for i in self.b_order], 0).to(self.dtype)  # (ΣN_out, r)
-        B = B * self.scale
-        At = torch.cat([targets[i].A.t() for i in self.a_order], 0).to(self.dtype)  # (ΣN_in, r)
-        dw_sq = _GramNorms.apply(B, At, self)  # (n,) ‖s B A‖²_F = ⟨(sB)ᵀ(sB), AAᵀ⟩, B-order
-        per, glob, more, amax = _FusedSums.apply(B, At, self, float(beta), float(tau), bool(detail))
+        factors = [targets[i].B for i in self.b_order] + [targets[i].A for i in self.a_order]
+        dw_sq, per, glob, more, amax = _GroupSums.apply(self, self.alpha, float(beta), float(tau), bool(detail),
+                                                        *factors)  # ‖ΔW‖² (n,) B-order; Σ over S
         s_m, s_mm = per[:, 0], per[:, 1]  # Σ m d², Σ m(1−m) d²
         l_t = (dw_sq - (s_m + s_mm)).clamp(min=0)  # ‖ΔW_T‖² = ‖ΔW‖² − Σ (2m − m²) d²
         a_sq = s_m - s_mm  # ‖ΔW_A‖² = Σ m² d²
@@ -377,13 +438,13 @@ def _classes(sizes: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _times_grams(X: torch.Tensor, classes: list[tuple[int, int, int]], mats: torch.Tensor) -> torch.Tensor:
-    """Every module block X_k (size, r) of X (ΣN, r) times its own (r, r) matrix mats[k], as (ΣN, r)."""
-    out = torch.empty_like(X, memory_format=torch.contiguous_format)
+def _times_grams(X: torch.Tensor, classes: list[tuple[int, int, int]], mats: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+    """Writes every module block X_k (size, r) of X (ΣN, r) times its own (r, r) matrix mats[k] into out (ΣN, r)."""
     k = 0
     for first, count, size in classes:
         x = X[first:first + count * size].view(count, size, X.shape[1])  # (count, size, r)
-        out[first:first + count * size] = torch.bmm(x, mats[k:k + count]).view(count * size, X.shape[1])
+        torch.bmm(x, mats[k:k + count], out=out[first:first + count * size].view(count, size, X.shape[1]))
         k += count
     return out
 
