@@ -17,11 +17,11 @@ the Grams' gradient is written into the workspaces (every row), then ∂/∂ΔW_
 in place (per-module gradients broadcast over the module runs), and G @ At_cat with G the CSR matrix of
 those values is added into ∂B_cat, Gᵀ @ B_cat into ∂At_cat through a second, column-ordered CSR copy of the
 pattern; each factor gets a fresh copy of its rows.
-Everything runs in chunks of whole rows (columns) of ≈ `chunk` coordinates (default 2¹⁶ on a CPU, where a
-chunk's temporaries then stay in cache, 2²⁰ on other devices): the working set is O(chunk · r). The cache is
-28 bytes per protected coordinate in float32 (int32 column, column-order permutation and row; four
-coefficients), plus 8 bytes (ΔW_S and σ(|ΔW_S| − τ)) kept between forward and backward; nothing of size
-out × in is ever built.
+Everything runs in chunks of whole rows (columns) of ≈ `chunk` coordinates (default 2¹⁸ on a CPU, where a
+chunk's temporaries stay in the L2/L3 caches, 2²⁰ on other devices): the working set is O(chunk · r). The
+cache is 28 bytes per protected coordinate in float32 (int32 column, column-order permutation and row; four
+coefficients), plus 8 bytes (ΔW_S and v = σ(2 + (1 − σ)|ΔW_S|), σ = σ(|ΔW_S| − τ)) kept between forward and
+backward; nothing of size out × in is ever built.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 DEFAULT_CHUNK = 1 << 20  # coordinates per chunk of the fused path on a GPU (or any non-CPU device)
-CPU_CHUNK = 1 << 16  # on a CPU: 2¹⁶ float32 temporaries stay in cache (measured in docs/performance.md)
+CPU_CHUNK = 1 << 18  # on a CPU (measured in docs/performance.md: 2¹⁶ to 2¹⁹ within ~15 %, 2¹⁸ fastest when quiet)
 
 
 def default_chunk(device: torch.device) -> int:
@@ -102,25 +102,18 @@ def _run_max(ch: _RowChunk, values: torch.Tensor) -> torch.Tensor:
     return torch.segment_reduce(values, "max", lengths=ch.counts, axis=0, unsafe=True, initial=0)
 
 
-RUN_LOOP_MAX = 8  # on a CPU, chunks with at most this many module runs broadcast per run (else repeat_interleave)
+RUN_LOOP_MAX = 8  # on a CPU, chunks with at most this many module runs get one mv per run (else repeat_interleave)
 
 
-def _add_per_module(out: torch.Tensor, ch: _RowChunk, a: Any, x: torch.Tensor, b: Any, y: torch.Tensor,
-                    loop_max: int) -> None:
-    """out += a_k x + b_k y, with a_k, b_k the per-module values (n,) of each coordinate's module k.
+def _per_module_sums(ch: _RowChunk, coef: torch.Tensor, d2: torch.Tensor, loop: bool) -> torch.Tensor:
+    """(k, j) float64: Σ coef[i] d² over each module's run inside the chunk, for the rows i of coef (j, c).
 
-    At most `loop_max` runs in the chunk: two in-place adds per run (a, b are Python lists then); otherwise
-    the per-module values are broadcast over the runs with repeat_interleave (a, b tensors or lists).
-    """
-    runs = ch.runs
-    if len(runs) - 1 <= loop_max:
-        for k, lo, hi in zip(ch.module_ids, runs, runs[1:]):
-            out[lo:hi].add_(x[lo:hi], alpha=a[k]).add_(y[lo:hi], alpha=b[k])
-        return
-    for values, z in ((a, x), (b, y)):
-        values = torch.as_tensor(values, dtype=out.dtype, device=out.device)
-        out.addcmul_(torch.repeat_interleave(values.index_select(0, ch.modules), ch.counts,
-                                             output_size=ch.s1 - ch.s0), z)
+    `loop` (a CPU): one matrix-vector product per run (reads each coefficient and d² once); else the products
+    summed by one float64 segment_reduce (one kernel launch on a GPU)."""
+    if loop:
+        runs = ch.runs
+        return torch.stack([torch.mv(coef[:, a:b], d2[a:b]) for a, b in zip(runs, runs[1:])]).to(torch.float64)
+    return _run_sums(ch, coef * d2, loop=False)
 
 
 class _GroupSums(torch.autograd.Function):
@@ -133,7 +126,7 @@ class _GroupSums(torch.autograd.Function):
     added in place — and returns a fresh gradient per factor. A backward that finds the concatenations
     refilled by a later call (two penalties before one backward) refills them from its saved factors.
     The static coefficients (m, m(1−m), F̂m², m(1−m)/|S_k|) come from the layout's cache; ΔW_S and the
-    logistic σ(|ΔW_S| − τ) of every chunk are kept for backward (8 bytes per coordinate during a step).
+    Riemannian term's derivative factor v of every chunk are kept for backward (8 bytes per coordinate).
     ‖ΔW‖² = s²⟨BᵀB, AAᵀ⟩ per module from Grams batched per run of equal shapes, with a hand-written backward
     (∂B_k = 2 g_k s² B_k A_kA_kᵀ, ∂A_kᵀ = 2 g_k s² A_kᵀ B_kᵀB_k: one bmm per run), where autograd's bmm
     backward through transposed views is several times slower on a CPU.
@@ -145,7 +138,7 @@ class _GroupSums(torch.autograd.Function):
         gram_b = _grams(B, layout.b_classes)  # (n, r, r) B-order
         gram_a = _grams(At, layout.a_classes)  # (n, r, r) A-order
         dw_sq = (gram_b * gram_a.index_select(0, layout.a_to_b)).sum(dim=(1, 2)) * (scale * scale)
-        per, glob, more, amax, ctx.saved_d, ctx.saved_sig = _sums_forward(B, At, layout, scale, beta, tau, detail)
+        per, glob, more, amax, ctx.saved_d, ctx.saved_v = _sums_forward(B, At, layout, scale, beta, tau, detail)
         ctx.save_for_backward(*factors)
         ctx.fill, ctx.grams = layout.fills, (gram_b, gram_a)
         ctx.layout, ctx.scale, ctx.beta = layout, scale, beta
@@ -166,67 +159,76 @@ class _GroupSums(torch.autograd.Function):
             _times_grams(B, layout.b_classes, gram_a.index_select(0, layout.a_to_b) * g2, out=grad_b)
         if need_a:  # rows of module k in A-order: 2 g_k s² A_kᵀ (B_kᵀB_k)
             _times_grams(At, layout.a_classes, (gram_b * g2).index_select(0, layout.b_to_a), out=grad_at)
-        _sums_backward(B, At, layout, scale, ctx.beta, ctx.saved_d, ctx.saved_sig, grad_per, grad_glob,
+        _sums_backward(B, At, layout, scale, ctx.beta, ctx.saved_d, ctx.saved_v, grad_per, grad_glob,
                        grad_b if need_b else None, grad_at if need_a else None)
         return (None,) * 5 + layout.split_grads(grad_b if need_b else None, grad_at if need_a else None, factors)
 
 
 def _sums_forward(B, At, layout, scale, beta, tau, detail):
-    """(per, glob, detail, amax, ΔW_S per chunk, σ per chunk) of the chunks; see _GroupSums."""
+    """(per, glob, detail, amax, ΔW_S per chunk, v per chunk) of the chunks; see _GroupSums.
+
+    v = σ(2 + (1 − σ)|ΔW_S|) with σ = σ(|ΔW_S| − τ) is the Riemannian summand's derivative factor, kept for
+    backward, which then needs no element-wise work beyond four passes.
+    """
     n, f64 = layout.n_modules, torch.float64
     per = torch.zeros(n, 2, dtype=f64, device=B.device)
     more = torch.zeros(n if detail else 0, 3, dtype=f64, device=B.device)
     amax = torch.zeros(n if detail else 1, dtype=B.dtype, device=B.device)
     zeros = torch.zeros(layout.max_chunk, dtype=B.dtype, device=B.device)
-    saved_d, saved_sig, glob_parts = [], [], []
-    buf = torch.empty(2, layout.max_chunk, dtype=B.dtype, device=B.device)  # per-module summands
+    saved_d, saved_v, glob_parts = [], [], []
     for ch in layout.row_chunks:
         c, sl = ch.s1 - ch.s0, slice(ch.s0, ch.s1)
+        coef = layout.coef[:, sl]  # (4, c): m, m(1−m), F̂m², q = m(1−m)/|S_k|
         pattern = _csr(ch.crow, layout.cols[sl], zeros[:c], (ch.r1 - ch.r0, At.shape[0]))
         d = torch.sparse.sampled_addmm(pattern, B[ch.r0:ch.r1], At.t(), beta=0.0, alpha=scale).values()  # ΔW_S
         d2 = d * d
-        pair = buf[:, :c]
-        torch.mul(layout.m[sl], d2, out=pair[0])  # m d²
-        torch.mul(layout.mm[sl], d2, out=pair[1])  # m(1−m) d²
-        per.index_add_(0, ch.modules, _run_sums(ch, pair, layout.loop_sums))
-        sig = d.abs()
+        per.index_add_(0, ch.modules, _per_module_sums(ch, coef[:2], d2, layout.loop_sums))  # Σ m d², Σ m(1−m) d²
+        a = d.abs()
         if detail:
-            top = torch.maximum(amax.index_select(0, ch.modules), _run_max(ch, sig))
+            top = torch.maximum(amax.index_select(0, ch.modules), _run_max(ch, a))
             amax.index_copy_(0, ch.modules, top)  # a chunk lists each module once
         else:
-            torch.maximum(amax, sig.amax(), out=amax)
-        sig = torch.sigmoid_(sig.sub_(tau))  # σ(|d| − τ)
-        w_d2 = layout.w[sl] * d2  # F̂ m² d²
-        q_d2 = layout.q[sl] * d2  # m(1−m) d² / |S_k|
-        rie = q_d2.addcmul_(q_d2, sig, value=beta)  # (1 + β σ) m(1−m) d² / |S_k|
-        glob_parts.append(torch.stack([w_d2.sum(), rie.sum(), d2.sum()]))  # cascade sums of ≤ one chunk
+            torch.maximum(amax, a.amax(), out=amax)
+        sig = torch.sigmoid_(torch.sub(a, tau))  # σ(|d| − τ)
+        e = d2 * sig
+        # Σ F̂m² d², Σ q d², Σ q σ d², Σ d² (cascade sums / BLAS dots of ≤ one chunk)
+        glob_parts.append(torch.cat([torch.mv(coef[2:], d2), torch.dot(coef[3], e).view(1), d2.sum().view(1)]))
         if detail:
-            more.index_add_(0, ch.modules, _run_sums(ch, torch.stack([w_d2, rie, d2]), layout.loop_sums))
+            rie = coef[3] * e.mul_(beta).add_(d2)  # (1 + β σ) q d²
+            more.index_add_(0, ch.modules, _run_sums(ch, torch.stack([coef[2] * d2, rie, d2]), layout.loop_sums))
         saved_d.append(d)
-        saved_sig.append(sig)
-    glob = torch.stack(glob_parts).to(f64).sum(0) if glob_parts else torch.zeros(3, dtype=f64, device=B.device)
-    return per.to(B.dtype), glob.to(B.dtype), more.to(B.dtype), amax, saved_d, saved_sig
+        saved_v.append(torch.addcmul(a, sig, a, value=-1).add_(2).mul_(sig))  # σ (2 + (1 − σ)|d|)
+    if glob_parts:
+        sums = torch.stack(glob_parts).to(f64).sum(0)
+        glob = torch.stack([sums[0], sums[1] + beta * sums[2], sums[3]])  # L_A, E_rie, energy on S
+    else:
+        glob = torch.zeros(3, dtype=f64, device=B.device)
+    return per.to(B.dtype), glob.to(B.dtype), more.to(B.dtype), amax, saved_d, saved_v
 
 
-def _sums_backward(B, At, layout, scale, beta, saved_d, saved_sig, grad_per, grad_glob, grad_b, grad_at):
+def _sums_backward(B, At, layout, scale, beta, saved_d, saved_v, grad_per, grad_glob, grad_b, grad_at):
     """Adds the sparse part of ∂total/∂B_cat (∂At_cat) into grad_b (grad_at) in place (None: not needed)."""
     gd_all = torch.empty(layout.size, dtype=B.dtype, device=B.device)  # ∂total/∂ΔW_S (|S|,)
-    g_m, g_mm = (2 * grad_per[:, 0]).contiguous(), (2 * grad_per[:, 1]).contiguous()
-    if layout.loop_sums:  # Python floats for the CPU's per-run loop (one sync)
-        g_m, g_mm = g_m.tolist(), g_mm.tolist()
     g_la, g_rie, g_on = (float(v) for v in grad_glob.double().cpu())  # one sync per backward
-    for ch, d, sig in zip(layout.row_chunks, saved_d, saved_sig):
+    # ∂/∂d of Σ c d² is 2 c d; of Σ (1 + β σ(|d| − τ)) q d²: q d (2 + 2βσ + βσ(1 − σ)|d|) = q d (2 + β v).
+    # So, with ΔW_S = s (B A)_S, ∂/∂(BA)_S =
+    #     s d · [2 g_m,k m + 2 g_mm,k m(1−m) + 2 g_la F̂m² + 2 g_rie q + 2 g_on + β g_rie q v]:
+    # the first four terms are the coefficient table times a per-module vector (one mv per run on a CPU).
+    vecs = torch.stack([2 * grad_per[:, 0], 2 * grad_per[:, 1], grad_per.new_full((grad_per.shape[0],), 2 * g_la),
+                        grad_per.new_full((grad_per.shape[0],), 2 * g_rie)], 1).mul_(scale).to(B.dtype)  # (n, 4)
+    for ch, d, v in zip(layout.row_chunks, saved_d, saved_v):
         sl = slice(ch.s0, ch.s1)
-        # ∂/∂d of Σ c d² is 2 c d; of Σ (1 + β σ(|d| − τ)) q d²: q d (2 + 2βσ + βσ(1 − σ)|d|). So
-        # ∂/∂d = d · [2 g_la F̂m² + 2 g_on + 2 g_m,k m + 2 g_mm,k m(1−m) + g_rie q (2 + βσ(2 + (1 − σ)|d|))]
-        m, mm, q = layout.m[sl], layout.mm[sl], layout.q[sl]
-        gd = torch.mul(layout.w[sl], 2 * g_la, out=gd_all[sl])
-        gd.add_(q, alpha=2 * g_rie).add_(2 * g_on)
-        _add_per_module(gd, ch, g_m, m, g_mm, mm, layout.run_loop_max)
-        u = torch.rsub(sig, 1).mul_(d.abs()).add_(2).mul_(sig).mul_(q)  # q σ (2 + (1 − σ)|d|)
-        gd.add_(u, alpha=beta * g_rie).mul_(d)
-        if scale != 1.0:  # ΔW_S = s (B A)_S
-            gd.mul_(scale)
+        coef, gd, runs = layout.coef[:, sl], gd_all[sl], ch.runs
+        if len(runs) - 1 <= layout.run_loop_max:
+            for k, a, b in zip(ch.module_ids, runs, runs[1:]):
+                torch.mv(coef[:, a:b].t(), vecs[k], out=gd[a:b])
+        else:  # per-module values broadcast over the runs
+            torch.mv(coef[2:].t(), vecs[0, 2:], out=gd)
+            for j in (0, 1):
+                per_coordinate = torch.repeat_interleave(vecs[:, j].index_select(0, ch.modules), ch.counts,
+                                                         output_size=ch.s1 - ch.s0)
+                gd.addcmul_(per_coordinate, coef[j])
+        gd.add_(2 * g_on * scale).addcmul_(coef[3], v, value=beta * g_rie * scale).mul_(d)
         if grad_b is not None:  # rows of B_cat: += G[r0:r1] @ At_cat
             G = _csr(ch.crow, layout.cols[sl], gd, (ch.r1 - ch.r0, At.shape[0]))
             rows = grad_b[ch.r0:ch.r1]
@@ -274,7 +276,8 @@ class FusedCoordinates:
         self.perm = self.perm.to(device, index_dtype)
         blocks = [self.members[i].block for i in self.b_order]
         self.n_modules = len(blocks)
-        self.m, self.mm, self.w, self.q = _static_coefficients(blocks, self.hard, device, dtype)  # (|S|,) each
+        self.coef = _static_coefficients(blocks, self.hard, device, dtype)  # (4, |S|)
+        self.m, self.mm, self.w, self.q = self.coef  # views: m, m(1−m), F̂m², q = m(1−m)/|S_k|
         scales = [float(self.members[i].target.scale) for i in self.b_order]
         # One scale for the whole group: applied as the products' alpha. Else each B is scaled as it is copied
         # into B_cat (row_scales, B-order) and the products use alpha = 1.
@@ -369,7 +372,7 @@ class FusedCoordinates:
     def nbytes(self) -> int:
         """Bytes of the per-coordinate cache (column, column-order permutation and row; m, m(1−m), F̂m², q)."""
         return sum(t.numel() * t.element_size()
-                   for t in (self.cols, self.perm, self.rows_by_col, self.m, self.mm, self.w, self.q))
+                   for t in (self.cols, self.perm, self.rows_by_col, self.coef))
 
     def __call__(self, beta: float, tau: float, eps: float, detail: bool = False) -> GroupTerms:
         targets = [m.target for m in self.members]
@@ -387,8 +390,8 @@ class FusedCoordinates:
                           more.index_select(0, back) if detail else None)
 
 
-def _static_coefficients(blocks: Sequence[Any], hard: bool, device: torch.device, dtype: torch.dtype):
-    """(m, m(1−m), F̂ m², m(1−m)/max(|S_k|, 1)), each (|S|,) in `dtype`, computed in float64 once per layout."""
+def _static_coefficients(blocks: Sequence[Any], hard: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(4, |S|) rows m, m(1−m), F̂ m², m(1−m)/max(|S_k|, 1) in `dtype`, computed in float64 once per layout."""
     parts = []
     for b in blocks:
         f = b.fisher.detach().to("cpu", torch.float64)  # (|S_k|,)
@@ -396,7 +399,7 @@ def _static_coefficients(blocks: Sequence[Any], hard: bool, device: torch.device
         mm = m - m * m
         parts.append(torch.stack([m, mm, f / float(b.norm) * m * m, mm / max(b.size, 1)]))  # (4, |S_k|)
     table = torch.cat(parts, 1) if parts else torch.zeros(4, 0, dtype=torch.float64)
-    return tuple(row.to(device, dtype) for row in table)
+    return table.to(device, dtype).contiguous()
 
 
 def _pointers(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -70,7 +70,7 @@ class AGLPenalty:
     (check_fingerprint=False skips it, e.g. for synthetic masks). Tensors of the mask are cached on the LoRA weights' device
     (re-cached if the model moves). fp16/bf16 LoRA weights are computed in float32. Coordinate-basis
     modules are evaluated together, one fused group per device/dtype/rank (agl_core.fused), in chunks of
-    `chunk_size` protected coordinates (None: 2¹⁶ on a CPU, 2²⁰ on a GPU); K-FAC-basis modules in one batched group per device/dtype/rank/shape
+    `chunk_size` protected coordinates (None: 2¹⁸ on a CPU, 2²⁰ on a GPU); K-FAC-basis modules in one batched group per device/dtype/rank/shape
     (agl_core.fused_kfac).
     """
 
