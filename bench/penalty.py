@@ -26,9 +26,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=None, help="tokens of the LoRA-layer step (default 4096 on GPU, 256 on CPU)")
     p.add_argument("--layers", type=int, default=None, help="7B-like layers (default 32, --quick 4)")
     p.add_argument("--sections", default="smollm,dense,floor,7b,70b,scaling",
-                   help="comma-separated subset of smollm,dense,floor,7b,70b,scaling,7b4k (7b4k: one 7B-like layer against "
-                        "its LoRA step on 4096 tokens, whatever the device; ~1 min on one loaded CPU core, so not in the "
-                        "default CPU run)")
+                   help="comma-separated subset of smollm,dense,floor,7b,70b,scaling,7b4k,chunks (7b4k: one 7B-like layer "
+                        "against its LoRA step on 4096 tokens, whatever the device; ~1 min on one loaded CPU core, so not "
+                        "in the default CPU run; chunks: the fused path's chunk size, 2^16 to 2^20, on large supports)")
     p.add_argument("--plot", default="docs/perf_scaling.png", help="log-log scaling plot ('' to skip)")
     return p.parse_args()
 
@@ -245,6 +245,32 @@ def section_floor(device, repeats):
               f"{(ta - tsp) * 1e9 / n:5.1f} ns/coordinate", flush=True)
 
 
+def section_chunks(device, repeats):
+    """Penalty + gradient at several `chunk_size`s on the same model and mask, timed interleaved (what the
+    device's default chunk, agl_core.fused.default_chunk, was chosen from)."""
+    from agl_core.fused import default_chunk
+
+    print(f"\n## Chunk size of the fused path (SmolLM2 shapes, all linear; default here 2^{default_chunk(device).bit_length() - 1})")
+    shapes = {}
+    for i in range(30):
+        shapes.update(llama_layer_shapes(f"model.layers.{i}", 576, 192, 1536))
+    sizes = [1 << k for k in range(16, 21)]
+    for r, rho in ((8, 0.10), (64, 0.10), (8, 0.01), (64, 0.01)):
+        model, mask = bare_model(shapes, r, device), random_mask(shapes, rho)
+        runs = {c: penalty_step(model, mask, config(rho), chunk=c)[0] for c in sizes}
+        times = {c: [] for c in sizes}
+        for fn in runs.values():
+            fn()  # warm-up
+        for _ in range(repeats):
+            for c, fn in runs.items():
+                times[c].append(median_time(fn, device, repeats=1, warmup=0))
+        med = {c: statistics.median(v) for c, v in times.items()}
+        best = min(med, key=med.get)
+        print(f"r={r:<3d} rho={rho:<5g}: " + ", ".join(f"2^{c.bit_length() - 1} {t * 1e3:.1f} ms" for c, t in med.items())
+              + f"; fastest 2^{best.bit_length() - 1}", flush=True)
+        del model, mask, runs
+
+
 def section_scaling(device, repeats, plot):
     """Penalty time vs |S| (r=16) and vs r (|S| fixed): 8 modules 4096×4096; log-log slopes."""
     print("\n## Scaling: 8 modules of 4096 x 4096")
@@ -328,6 +354,8 @@ def main() -> None:
                       (1e-3, 1e-2), 4096, device, 4)
     if "scaling" in sections:
         section_scaling(device, repeats, args.plot)
+    if "chunks" in sections:
+        section_chunks(device, max(repeats, 5))
     sync(device)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
