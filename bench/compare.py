@@ -25,6 +25,7 @@ SETTINGS = {  # name: (description, shapes kind, r, ρ or "kfac")
     "qkvo-1": ("SmolLM2 r=8 q,k,v,o ρ=1 %", "smollm-qkvo", 8, 0.01),
     "qkvo-10": ("SmolLM2 r=8 q,k,v,o ρ=10 %", "smollm-qkvo", 8, 0.10),
     "all-1": ("SmolLM2 r=8 all linear ρ=1 %", "smollm-all", 8, 0.01),
+    "all-1-r4": ("SmolLM2 r=4 all linear ρ=1 %", "smollm-all", 4, 0.01),
     "all-10": ("SmolLM2 r=8 all linear ρ=10 %", "smollm-all", 8, 0.10),
     "all-1-r64": ("SmolLM2 r=64 all linear ρ=1 %", "smollm-all", 64, 0.01),
     "all-10-r64": ("SmolLM2 r=64 all linear ρ=10 %", "smollm-all", 64, 0.10),

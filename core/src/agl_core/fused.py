@@ -35,6 +35,9 @@ from torch.autograd.function import once_differentiable
 
 DEFAULT_CHUNK = 1 << 20  # coordinates per chunk of the fused path on a GPU (or any non-CPU device)
 CPU_CHUNK = 1 << 18  # on a CPU (measured in docs/performance.md: 2¹⁶ to 2¹⁹ within ~15 %, 2¹⁸ fastest when quiet)
+# torch's CPU SDDMM runs a scalar loop below 8 columns: r = 4 took 5x as long as r = 8 (docs/performance.md), so
+# on a CPU the concatenations of a rank-r group with r < 8 get 8 − r zero columns (exact: they add 0 everywhere).
+CPU_MIN_WIDTH = 8
 
 
 def default_chunk(device: torch.device) -> int:
@@ -286,7 +289,7 @@ class FusedCoordinates:
         self.row_scales = None if len(set(scales)) == 1 else scales
         self.b_start, self.a_start = b_start, a_start
         self.device = torch.device(device)
-        self.fills = 0  # how often fill() has run: a backward compares it with its forward's
+        self.fills, self.rank = 0, 0  # how often fill() has run (a backward compares it with its forward's); r
         self._buffers: dict[str, torch.Tensor] = {}
         a_pos = {i: p for p, i in enumerate(self.a_order)}
         self.a_to_b = torch.tensor([a_pos[i] for i in self.b_order], dtype=torch.int64, device=device)  # (n,)
@@ -322,26 +325,29 @@ class FusedCoordinates:
                                     ids.to(device), counts.to(device), runs, tuple(ids.tolist())))
         return chunks
 
-    def _buffer(self, name: str, rows: int, r: int) -> torch.Tensor:
+    def _buffer(self, name: str, rows: int, width: int) -> torch.Tensor:
         buf = self._buffers.get(name)
-        if buf is None or buf.shape[1] != r:
-            buf = self._buffers[name] = torch.empty(rows, r, dtype=self.dtype, device=self.device)
+        if buf is None or buf.shape[1] != width:  # zeros: the padding columns of B_cat and At_cat stay 0
+            buf = self._buffers[name] = torch.zeros(rows, width, dtype=self.dtype, device=self.device)
         return buf
 
     def fill(self, factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies the factors (every B in B-order, then every A in A-order) into the persistent B_cat (ΣN_out, r),
-        each B times its scale where the scales differ, and At_cat (ΣN_in, r); returns the two."""
+        """Copies the factors (every B in B-order, then every A in A-order) into the persistent B_cat (ΣN_out, w),
+        each B times its scale where the scales differ, and At_cat (ΣN_in, w); returns the two. w = r, or 8 on a
+        CPU where r < 8 (zero columns; see CPU_MIN_WIDTH)."""
         n, r = self.n_modules, factors[0].shape[1]
-        B, At = self._buffer("B", self.b_start[-1], r), self._buffer("At", self.a_start[-1], r)
+        width = max(r, CPU_MIN_WIDTH) if self.device.type == "cpu" else r
+        B, At = self._buffer("B", self.b_start[-1], width), self._buffer("At", self.a_start[-1], width)
+        self.rank = r
         with torch.no_grad():
             for p, f in enumerate(factors[:n]):
-                rows = B[self.b_start[p]:self.b_start[p + 1]]
+                rows = B[self.b_start[p]:self.b_start[p + 1], :r]
                 if self.row_scales is None:
                     rows.copy_(f)
                 else:
                     torch.mul(f, self.row_scales[p], out=rows)
             for p, f in enumerate(factors[n:]):
-                At[self.a_start[p]:self.a_start[p + 1]].copy_(f.t())
+                At[self.a_start[p]:self.a_start[p + 1], :r].copy_(f.t())
         self.fills += 1
         return B, At
 
@@ -362,11 +368,11 @@ class FusedCoordinates:
             if grad_b is None:
                 out.append(None)
                 continue
-            rows = grad_b[self.b_start[p]:self.b_start[p + 1]]  # ∂/∂(s_k B_k)
-            out.append(rows.to(f.dtype, copy=True) if self.row_scales is None
+            rows = grad_b[self.b_start[p]:self.b_start[p + 1], :self.rank]  # ∂/∂(s_k B_k)
+            out.append(rows.to(f.dtype, memory_format=torch.contiguous_format, copy=True) if self.row_scales is None
                        else torch.mul(rows, self.row_scales[p]).to(f.dtype))
         for p, f in enumerate(factors[n:]):
-            rows = None if grad_at is None else grad_at[self.a_start[p]:self.a_start[p + 1]]  # (in, r)
+            rows = None if grad_at is None else grad_at[self.a_start[p]:self.a_start[p + 1], :self.rank]  # (in, r)
             out.append(None if rows is None else rows.t().to(f.dtype, memory_format=torch.contiguous_format, copy=True))
         return tuple(out)
 
