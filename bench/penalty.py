@@ -222,16 +222,20 @@ def section_floor(device, repeats):
         B = torch.cat([targets[i].B for i in g.b_order], 0).detach()
         At = torch.cat([targets[i].A.t() for i in g.a_order], 0).detach()
         values = torch.rand(g.size, device=device)
+        grad_b, grad_at = torch.zeros_like(B), torch.zeros_like(At)
 
-        def products():
+        def products():  # as the penalty runs them: products added into persistent gradient buffers
             for ch in g.row_chunks:
                 cols = g.cols[ch.s0:ch.s1]
                 pattern = _csr(ch.crow, cols, values[ch.s0:ch.s1], (ch.r1 - ch.r0, At.shape[0]))
                 torch.sparse.sampled_addmm(pattern, B[ch.r0:ch.r1], At.t(), beta=0.0)
-                _ = pattern @ At
+                rows = grad_b[ch.r0:ch.r1]
+                torch.addmm(rows, pattern, At, out=rows)
             for ch in g.col_chunks:
                 vals = values.index_select(0, g.perm[ch.t0:ch.t1])
-                _ = _csr(ch.ccol, g.rows_by_col[ch.t0:ch.t1], vals, (ch.c1 - ch.c0, B.shape[0])) @ B
+                rows = grad_at[ch.c0:ch.c1]
+                torch.addmm(rows, _csr(ch.ccol, g.rows_by_col[ch.t0:ch.t1], vals, (ch.c1 - ch.c0, B.shape[0])), B,
+                            out=rows)
 
         t_all, t_sparse = [], []
         for _ in range(repeats):  # interleaved
