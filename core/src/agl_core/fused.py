@@ -369,11 +369,16 @@ class FusedCoordinates:
                 out.append(None)
                 continue
             rows = grad_b[self.b_start[p]:self.b_start[p + 1], :self.rank]  # ∂/∂(s_k B_k)
-            out.append(rows.to(f.dtype, memory_format=torch.contiguous_format, copy=True) if self.row_scales is None
-                       else torch.mul(rows, self.row_scales[p]).to(f.dtype))
+            if self.row_scales is None:
+                out.append(rows.to(f.dtype, memory_format=torch.contiguous_format, copy=True))
+            else:
+                out.append(torch.mul(rows, self.row_scales[p]).to(f.dtype))
         for p, f in enumerate(factors[n:]):
-            rows = None if grad_at is None else grad_at[self.a_start[p]:self.a_start[p + 1], :self.rank]  # (in, r)
-            out.append(None if rows is None else rows.t().to(f.dtype, memory_format=torch.contiguous_format, copy=True))
+            if grad_at is None:
+                out.append(None)
+                continue
+            rows = grad_at[self.a_start[p]:self.a_start[p + 1], :self.rank]  # (in, r) → A's (r, in)
+            out.append(rows.t().to(f.dtype, memory_format=torch.contiguous_format, copy=True))
         return tuple(out)
 
     def nbytes(self) -> int:
