@@ -106,7 +106,7 @@ def _run_max(ch: _RowChunk, values: torch.Tensor) -> torch.Tensor:
     return torch.segment_reduce(values, "max", lengths=ch.counts, axis=0, unsafe=True, initial=0)
 
 
-RUN_LOOP_MAX = 8  # on a CPU, chunks with at most this many module runs get one mv per run (else repeat_interleave)
+RUN_LOOP_MAX = 64  # on a CPU, chunks with at most this many module runs get one mv per run (else repeat_interleave)
 
 
 def _per_module_sums(ch: _RowChunk, coef: torch.Tensor, d2: torch.Tensor, loop: bool) -> torch.Tensor:
@@ -256,7 +256,7 @@ class FusedCoordinates:
                  chunk: Optional[int] = None) -> None:
         chunk = default_chunk(device) if chunk is None else chunk
         self.loop_sums = torch.device(device).type == "cpu"  # per-module sums: see _run_sums
-        self.run_loop_max = RUN_LOOP_MAX if self.loop_sums else -1  # per-module broadcasts: see _add_per_module
+        self.run_loop_max = RUN_LOOP_MAX if self.loop_sums else -1  # per-module broadcasts: see _sums_backward
         self.members, self.dtype, self.hard = list(members), dtype, split == "hard"
         shapes = [m.target.shape for m in self.members]  # (out, in)
         self.b_order = sorted(range(len(shapes)), key=lambda i: shapes[i][0])  # B-order: by out size
