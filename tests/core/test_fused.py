@@ -142,6 +142,26 @@ def test_persistent_buffers_hold_no_stale_values():
     assert all(g.is_contiguous() and g.data_ptr() not in {b.data_ptr() for b in group.workspaces()} for g in grad)
 
 
+def test_frozen_factors_in_a_group():
+    """LoRA-FA-style frozen A factors in some modules, frozen B in others: the trainable factors' gradients
+    still equal the reference, and the frozen ones get none."""
+    model = model_with()
+    for name, p in model.named_parameters():
+        if ("lora_A" in name and "mlp" in name) or ("lora_B" in name and "q_proj" in name):
+            p.requires_grad_(False)
+    bl, cfg = blocks(model), config()
+    ref = reference(lora_factors(model), bl, cfg, scale=cfg.lambda_scale(1))
+    factors = [t for f in lora_factors(model).values() for t in f[:2]]
+    trainable = [t for t in factors if t.requires_grad]
+    assert 0 < len(trainable) < len(factors)
+    res = make_penalty(model, bl, cfg)(1)
+    for k in TERMS:
+        for g, gr in zip(grads(getattr(res, k), trainable), grads(ref[k], trainable)):
+            assert_rel(g, gr, 1e-10, f"grad {k}")
+    res.total.backward()
+    assert all((t.grad is None) != t.requires_grad for t in factors)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fused path's GPU kernels)")
 @pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_fused_path_on_cuda_matches_reference(dtype, rel):

@@ -165,7 +165,8 @@ class _GroupSums(torch.autograd.Function):
             _times_grams(At, layout.a_classes, (gram_b * g2).index_select(0, layout.b_to_a), out=grad_at)
         _sums_backward(B, At, layout, scale, ctx.beta, ctx.saved_d, ctx.saved_v, grad_per, grad_glob,
                        grad_b if need_b else None, grad_at if need_a else None)
-        return (None,) * 5 + layout.split_grads(grad_b if need_b else None, grad_at if need_a else None, factors)
+        return (None,) * 5 + layout.split_grads(grad_b if need_b else None, grad_at if need_a else None, factors,
+                                                ctx.needs_input_grad[5:])
 
 
 def _sums_forward(B, At, layout, scale, beta, tau, detail):
@@ -361,11 +362,12 @@ class FusedCoordinates:
         return self._buffer("grad_B", B.shape[0], B.shape[1]), self._buffer("grad_At", At.shape[0], At.shape[1])
 
     def split_grads(self, grad_b: Optional[torch.Tensor], grad_at: Optional[torch.Tensor],
-                    factors: Sequence[torch.Tensor]) -> tuple:
-        """A fresh gradient per factor (never a view of the workspaces), in the factor's dtype and layout."""
+                    factors: Sequence[torch.Tensor], needs: Sequence[bool]) -> tuple:
+        """A fresh gradient per factor that needs one (never a view of the workspaces), in the factor's dtype and
+        layout; None for the others."""
         n, out = self.n_modules, []
         for p, f in enumerate(factors[:n]):
-            if grad_b is None:
+            if grad_b is None or not needs[p]:
                 out.append(None)
                 continue
             rows = grad_b[self.b_start[p]:self.b_start[p + 1], :self.rank]  # ∂/∂(s_k B_k)
@@ -374,7 +376,7 @@ class FusedCoordinates:
             else:
                 out.append(torch.mul(rows, self.row_scales[p]).to(f.dtype))
         for p, f in enumerate(factors[n:]):
-            if grad_at is None:
+            if grad_at is None or not needs[n + p]:
                 out.append(None)
                 continue
             rows = grad_at[self.a_start[p]:self.a_start[p + 1], :self.rank]  # (in, r) → A's (r, in)
