@@ -11,9 +11,9 @@ B_cat, At_cat and the two gradient workspaces (2 (ΣN_out + ΣN_in) r floats) ar
 layout, refilled each call: on a CPU a fresh buffer of tens of MB costs a page fault per 4 KiB every step.
 Static per-coordinate coefficients are computed once per layout (float64, stored in the compute dtype) as
 one (4, |S|) table: m, m(1−m), F̂m² and q = m(1−m)/|S_k|. Forward: ΔW_S = sampled_addmm(pattern, B_cat,
-At_catᵀ) (an SDDMM, cost |S|·r); the terms are the table's rows times ΔW_S² summed (matrix-vector products);
-per-module sums (Σ m d², Σ m(1−m) d²) by one mv per module run of a chunk on a CPU, by a float64
-segment_reduce elsewhere; ‖ΔW‖² per module from batched Grams. Backward: the Grams' gradient is written into
+At_catᵀ) (an SDDMM, cost |S|·r); the terms are the table's rows times ΔW_S², summed: the global ones by one
+mv / dot per chunk, the per-module ones (Σ m d², Σ m(1−m) d²) by one cascade sum per module run of a chunk on a
+CPU, a float64 segment_reduce elsewhere; ‖ΔW‖² per module from batched Grams. Backward: the Grams' gradient is written into
 the workspaces (every row); ∂/∂ΔW_S is the table times a per-module vector, plus a constant and one term in
 v (see below), times ΔW_S: four passes; G @ At_cat with G the CSR matrix of those values is added into
 ∂B_cat, Gᵀ @ B_cat into ∂At_cat through a second, column-ordered CSR copy of the pattern; each factor gets a
@@ -109,17 +109,6 @@ def _run_max(ch: _RowChunk, values: torch.Tensor) -> torch.Tensor:
 RUN_LOOP_MAX = 64  # on a CPU, chunks with at most this many module runs get one mv per run (else repeat_interleave)
 
 
-def _per_module_sums(ch: _RowChunk, coef: torch.Tensor, d2: torch.Tensor, loop: bool) -> torch.Tensor:
-    """(k, j) float64: Σ coef[i] d² over each module's run inside the chunk, for the rows i of coef (j, c).
-
-    `loop` (a CPU): one matrix-vector product per run (reads each coefficient and d² once); else the products
-    summed by one float64 segment_reduce (one kernel launch on a GPU)."""
-    if loop:
-        runs = ch.runs
-        return torch.stack([torch.mv(coef[:, a:b], d2[a:b]) for a, b in zip(runs, runs[1:])]).to(torch.float64)
-    return _run_sums(ch, coef * d2, loop=False)
-
-
 class _GroupSums(torch.autograd.Function):
     """One group's (‖ΔW‖² (n,), per (n, 2), glob (3,), detail (n, 3), max_S |ΔW| (n,) or (1,)), B-order.
 
@@ -187,7 +176,7 @@ def _sums_forward(B, At, layout, scale, beta, tau, detail):
         pattern = _csr(ch.crow, layout.cols[sl], zeros[:c], (ch.r1 - ch.r0, At.shape[0]))
         d = torch.sparse.sampled_addmm(pattern, B[ch.r0:ch.r1], At.t(), beta=0.0, alpha=scale).values()  # ΔW_S
         d2 = d * d
-        per.index_add_(0, ch.modules, _per_module_sums(ch, coef[:2], d2, layout.loop_sums))  # Σ m d², Σ m(1−m) d²
+        per.index_add_(0, ch.modules, _run_sums(ch, coef[:2] * d2, layout.loop_sums))  # Σ m d², Σ m(1−m) d²
         a = d.abs()
         if detail:
             top = torch.maximum(amax.index_select(0, ch.modules), _run_max(ch, a))
@@ -196,7 +185,9 @@ def _sums_forward(B, At, layout, scale, beta, tau, detail):
             torch.maximum(amax, a.amax(), out=amax)
         sig = torch.sigmoid_(torch.sub(a, tau))  # σ(|d| − τ)
         e = d2 * sig
-        # Σ F̂m² d², Σ q d², Σ q σ d², Σ d² (cascade sums / BLAS dots of ≤ one chunk)
+        # Σ F̂m² d², Σ q d², Σ q σ d², Σ d² of ≤ one chunk: sums of non-negative terms, so a BLAS mv / dot (one pass;
+        # ~1e-6 relative in float32) is enough here; the per-module sums above, which ‖ΔW_T‖² = ‖ΔW‖² − Σ (2m − m²) d²
+        # subtracts, are cascade sums (~5e-8)
         glob_parts.append(torch.cat([torch.mv(coef[2:], d2), torch.dot(coef[3], e).view(1), d2.sum().view(1)]))
         if detail:
             rie = coef[3] * e.mul_(beta).add_(d2)  # (1 + β σ) q d²
@@ -343,10 +334,9 @@ class FusedCoordinates:
         with torch.no_grad():
             for p, f in enumerate(factors[:n]):
                 rows = B[self.b_start[p]:self.b_start[p + 1], :r]
-                if self.row_scales is None:
-                    rows.copy_(f)
-                else:
-                    torch.mul(f, self.row_scales[p], out=rows)
+                rows.copy_(f)  # in the compute dtype first: fp16 / bf16 factors are scaled in float32
+                if self.row_scales is not None:
+                    rows.mul_(self.row_scales[p])
             for p, f in enumerate(factors[n:]):
                 At[self.a_start[p]:self.a_start[p + 1], :r].copy_(f.t())
         self.fills += 1
