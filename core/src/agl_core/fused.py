@@ -7,17 +7,18 @@ Layout (built once per group, re-built when the LoRA weights change device or dt
   At_cat (ΣN_in, r)   the modules' Aᵀ stacked by rows, ordered by in size;
   the protected coordinates as one sparse CSR pattern of the block-diagonal (ΣN_out, ΣN_in) ΔW: module by
   module (B order), row-major inside a module, so rows ascend and each module is one contiguous run.
-B_cat, At_cat and the two gradient workspaces (2 (ΣN_out + ΣN_in) r floats) are persistent buffers of the
-layout, refilled each call: on a CPU a fresh buffer of tens of MB costs a page fault per 4 KiB every step.
+B_cat, At_cat and the two gradient workspaces (2 (ΣN_out + ΣN_in) r floats, r < 8 padded to 8 on a CPU) are
+persistent buffers of the layout, refilled each call: on a CPU a fresh buffer of tens of MB costs a page fault
+per 4 KiB every step.
 Static per-coordinate coefficients are computed once per layout (float64, stored in the compute dtype) as
 one (4, |S|) table: m, m(1−m), F̂m² and q = m(1−m)/|S_k|. Forward: ΔW_S = sampled_addmm(pattern, B_cat,
 At_catᵀ) (an SDDMM, cost |S|·r); the terms are the table's rows times ΔW_S², summed: the global ones by one
-mv / dot per chunk, the per-module ones (Σ m d², Σ m(1−m) d²) by one cascade sum per module run of a chunk on a
-CPU, a float64 segment_reduce elsewhere; ‖ΔW‖² per module from batched Grams. Backward: the Grams' gradient is written into
-the workspaces (every row); ∂/∂ΔW_S is the table times a per-module vector, plus a constant and one term in
-v (see below), times ΔW_S: four passes; G @ At_cat with G the CSR matrix of those values is added into
-∂B_cat, Gᵀ @ B_cat into ∂At_cat through a second, column-ordered CSR copy of the pattern; each factor gets a
-fresh copy of its rows.
+mv / dot per chunk, the per-module ones (Σ m d², Σ m(1−m) d²) by one cascade sum per module run of a chunk on
+a CPU, a float64 segment_reduce elsewhere; ‖ΔW‖² per module from batched Grams. Backward: the Grams'
+gradient is written into the workspaces (every row); ∂/∂ΔW_S is the table times a per-module vector, plus a
+constant and one term in v (see below), times ΔW_S: four passes; G @ At_cat with G the CSR matrix of those
+values is added into ∂B_cat, Gᵀ @ B_cat into ∂At_cat through a second, column-ordered CSR copy of the
+pattern; each factor gets a fresh copy of its rows.
 Everything runs in chunks of whole rows (columns) of ≈ `chunk` coordinates (default 2¹⁸ on a CPU, where a
 chunk's temporaries stay in the L2/L3 caches, 2²⁰ on other devices): the working set is O(chunk · r). The
 cache is 28 bytes per protected coordinate in float32 (int32 column, column-order permutation and row; four
