@@ -142,7 +142,7 @@ def test_persistent_buffers_hold_no_stale_values():
         buf.fill_(float("nan"))
     later = pen(1)  # refills the concatenations ...
     for buf in group.concatenations:
-        buf[:, :group.rank].fill_(float("nan"))  # ... and stands for a call that left other values there
+        buf[:, :params[0].shape[0]].fill_(float("nan"))  # ... and stands for a call that left other values there
     for res in (first, later, None):
         res = res if res is not None else pen(1)
         for k in TERMS:
@@ -212,7 +212,7 @@ def test_cache_is_28_bytes_per_coordinate_and_layout_is_consistent():
     (_, group), = pen._groups()
     assert isinstance(group, FusedCoordinates) and group.size == pen.num_protected
     assert group.nbytes() == 28 * group.size  # 3 int32 indices + 4 float32 coefficients
-    assert group.m.dtype == torch.float32 and group.q.dtype == torch.float32
+    assert group.coef.dtype == torch.float32  # m, m(1−m), F̂m², q
     assert group.cols.dtype == torch.int32 and group.perm.dtype == torch.int32
     covered = sorted((c.s0, c.s1) for c in group.row_chunks)
     assert covered[0][0] == 0 and covered[-1][1] == group.size

@@ -274,7 +274,6 @@ class FusedCoordinates:
         blocks = [self.members[i].block for i in self.b_order]
         self.n_modules = len(blocks)
         self.coef = _static_coefficients(blocks, self.hard, device, dtype)  # (4, |S|)
-        self.m, self.mm, self.w, self.q = self.coef  # views: m, m(1−m), F̂m², q = m(1−m)/|S_k|
         scales = [float(self.members[i].target.scale) for i in self.b_order]
         # One scale for the whole group: applied as the products' alpha. Else each B is scaled as it is copied
         # into B_cat (row_scales, B-order) and the products use alpha = 1.
@@ -282,7 +281,7 @@ class FusedCoordinates:
         self.row_scales = None if len(set(scales)) == 1 else scales
         self.b_start, self.a_start = b_start, a_start
         self.device = torch.device(device)
-        self.fills, self.rank = 0, 0  # how often fill() has run (a backward compares it with its forward's); r
+        self.fills = 0  # how often fill() has run: a backward compares it with its forward's
         self._buffers: dict[str, torch.Tensor] = {}
         a_pos = {i: p for p, i in enumerate(self.a_order)}
         self.a_to_b = torch.tensor([a_pos[i] for i in self.b_order], dtype=torch.int64, device=device)  # (n,)
@@ -331,7 +330,6 @@ class FusedCoordinates:
         n, r = self.n_modules, factors[0].shape[1]
         width = max(r, CPU_MIN_WIDTH) if self.device.type == "cpu" else r
         B, At = self._buffer("B", self.b_start[-1], width), self._buffer("At", self.a_start[-1], width)
-        self.rank = r
         with torch.no_grad():
             for p, f in enumerate(factors[:n]):
                 rows = B[self.b_start[p]:self.b_start[p + 1], :r]
@@ -356,12 +354,12 @@ class FusedCoordinates:
                     factors: Sequence[torch.Tensor], needs: Sequence[bool]) -> tuple:
         """A fresh gradient per factor that needs one (never a view of the workspaces), in the factor's dtype and
         layout; None for the others."""
-        n, out = self.n_modules, []
+        n, r, out = self.n_modules, factors[0].shape[1], []
         for p, f in enumerate(factors[:n]):
             if grad_b is None or not needs[p]:
                 out.append(None)
                 continue
-            rows = grad_b[self.b_start[p]:self.b_start[p + 1], :self.rank]  # ∂/∂(s_k B_k)
+            rows = grad_b[self.b_start[p]:self.b_start[p + 1], :r]  # ∂/∂(s_k B_k)
             if self.row_scales is None:
                 out.append(rows.to(f.dtype, memory_format=torch.contiguous_format, copy=True))
             else:
@@ -370,7 +368,7 @@ class FusedCoordinates:
             if grad_at is None or not needs[n + p]:
                 out.append(None)
                 continue
-            rows = grad_at[self.a_start[p]:self.a_start[p + 1], :self.rank]  # (in, r) → A's (r, in)
+            rows = grad_at[self.a_start[p]:self.a_start[p + 1], :r]  # (in, r) → A's (r, in)
             out.append(rows.t().to(f.dtype, memory_format=torch.contiguous_format, copy=True))
         return tuple(out)
 
