@@ -188,3 +188,12 @@ def llama_layer_shapes(prefix: str, hidden: int, kv: int, inter: int) -> dict[st
         f"{prefix}.mlp.gate_proj": (inter, hidden), f"{prefix}.mlp.up_proj": (inter, hidden),
         f"{prefix}.mlp.down_proj": (hidden, inter),
     }
+
+
+def smollm2_shapes(attention_only: bool = False) -> dict[str, tuple[int, int]]:
+    """(out, in) of SmolLM2-135M's 30 layers' linear projections (q,k,v,o only with `attention_only`)."""
+    shapes = {}
+    for i in range(30):
+        layer = llama_layer_shapes(f"model.layers.{i}", 576, 192, 1536)
+        shapes.update({k: v for k, v in layer.items() if not attention_only or "self_attn" in k})
+    return shapes

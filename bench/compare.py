@@ -19,7 +19,7 @@ import tempfile
 
 import torch
 
-from bench.common import bare_model, llama_layer_shapes, machine, sync, time_once
+from bench.common import bare_model, machine, smollm2_shapes, sync, time_once
 
 SETTINGS = {  # name: (description, shapes kind, r, ρ or "kfac")
     "qkvo-1": ("SmolLM2 r=8 q,k,v,o ρ=1 %", "smollm-qkvo", 8, 0.01),
@@ -57,11 +57,7 @@ def load_before(rev: str, root: str):
 def shapes_for(kind: str) -> dict[str, tuple[int, int]]:
     if kind == "4096":
         return {"proj": (4096, 4096)}
-    shapes = {}
-    for i in range(30):
-        layer = llama_layer_shapes(f"model.layers.{i}", 576, 192, 1536)
-        shapes.update({k: v for k, v in layer.items() if kind == "smollm-all" or "self_attn" in k})
-    return shapes
+    return smollm2_shapes(attention_only=kind != "smollm-all")
 
 
 def mask_for(pkg, shapes, rho, seed=0):

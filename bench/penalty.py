@@ -15,7 +15,7 @@ import statistics
 import torch
 
 from bench.common import (PeakMemory, bare_model, fmt_bytes, llama_layer_shapes, machine, median_time,
-                          memory_method, pick_device, random_kfac_mask, random_mask, sync)
+                          memory_method, pick_device, random_kfac_mask, random_mask, smollm2_shapes, sync)
 
 
 def parse_args() -> argparse.Namespace:
@@ -119,10 +119,7 @@ def section_smollm(device, repeats):
     print("\n## SmolLM2-135M shapes, random factors: penalty + gradient per optimizer step")
     rows = []
     for r, targets, rho in [(8, "qkvo", 0.01), (8, "all", 0.01), (64, "all", 0.10), (8, "qkvo", "kfac")]:
-        shapes = {}
-        for i in range(30):
-            layer = llama_layer_shapes(f"model.layers.{i}", 576, 192, 1536)
-            shapes.update({k: v for k, v in layer.items() if targets == "all" or "self_attn" in k})
+        shapes = smollm2_shapes(attention_only=targets == "qkvo")
         model = bare_model(shapes, r, device)
         if rho == "kfac":
             mask = random_kfac_mask(shapes, k_in=4)
@@ -212,9 +209,7 @@ def section_floor(device, repeats):
 
     print("\n## Per-coordinate cost at large supports (SmolLM2 shapes, all linear, rho=10 %)")
     for r in (8, 64):
-        shapes = {}
-        for i in range(30):
-            shapes.update(llama_layer_shapes(f"model.layers.{i}", 576, 192, 1536))
+        shapes = smollm2_shapes()
         model = bare_model(shapes, r, device)
         run, pen = penalty_step(model, random_mask(shapes, 0.10), config(0.10))
         (_, g), = [(i, g) for i, g in pen._groups() if isinstance(g, FusedCoordinates)]
@@ -255,9 +250,7 @@ def section_chunks(device, repeats):
     from agl_core.fused import default_chunk
 
     print(f"\n## Chunk size of the fused path (SmolLM2 shapes, all linear; default here 2^{default_chunk(device).bit_length() - 1})")
-    shapes = {}
-    for i in range(30):
-        shapes.update(llama_layer_shapes(f"model.layers.{i}", 576, 192, 1536))
+    shapes = smollm2_shapes()
     sizes = [1 << k for k in range(16, 21)]
     for r, rho in ((8, 0.10), (64, 0.10), (8, 0.01), (64, 0.01)):
         model, mask = bare_model(shapes, r, device), random_mask(shapes, rho)

@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from bench.common import bare_model, llama_layer_shapes
+from bench.common import bare_model, llama_layer_shapes, smollm2_shapes
 
 
 def random_fisher(shapes, seed=0):
@@ -32,10 +32,7 @@ def tensor_bytes(mask) -> int:
 def main() -> None:
     from agl_core import AGLConfig, AGLPenalty, FisherMask
 
-    smol = {}
-    for i in range(30):
-        smol.update(llama_layer_shapes(f"model.layers.{i}", 576, 192, 1536))
-    cases = [("SmolLM2-135M, all linear", smol), ("Llama-7B-like, 1 layer", llama_layer_shapes("model.layers.0", 4096, 4096, 11008))]
+    cases = [("SmolLM2-135M, all linear", smollm2_shapes()), ("Llama-7B-like, 1 layer", llama_layer_shapes("model.layers.0", 4096, 4096, 11008))]
     print("# bench.storage: bytes per protected coordinate (target ≤ 12)")
     print("| model | ρ | \\|S\\| | file | on disk B/coord | mask in memory B/coord | + penalty cache B/coord |")
     print("|---|---|---|---|---|---|---|")
